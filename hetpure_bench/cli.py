@@ -1,0 +1,158 @@
+"""Command line: ``python -m hetpure_bench COMMAND``. Bad input exits 2 with one line on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+PROG = "hetpure_bench"
+
+
+def _add_data_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data",
+        help="CIFAR-10 source: 'official' (download and cache), a folder of the official pickle "
+        "batches, an image folder, or a .tar of class folders; default $HETPURE_DATA or 'official'",
+    )
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from .classifiers import CLASSIFIERS
+    from .data import OFFICIAL_BATCHES, OFFICIAL_FOLDER, resolve_data_spec
+    from .cache import hetpure_home
+    from .diffusion.zoo import DIFFUSION_MODELS
+
+    cached = hetpure_home() / "cifar10" / OFFICIAL_FOLDER
+    official_ready = all((cached / n).exists() for names in OFFICIAL_BATCHES.values() for n in names)
+    spec = resolve_data_spec(None)
+    print("datasets:")
+    print(f"  official     cifar10-official  {'cached at ' + str(cached) if official_ready else 'downloads on first use (needs internet)'}")
+    if spec != "official":
+        print(f"  $HETPURE_DATA {spec}  {'exists' if Path(spec).exists() else 'MISSING'}")
+    for title, registry in (("classifiers", CLASSIFIERS), ("diffusion models", DIFFUSION_MODELS)):
+        print(f"{title}:")
+        for entry in registry:
+            state = "available offline" if entry.available() else "not available offline"
+            print(f"  {entry.name:<24} {state:<22} {entry.info.get('architecture', '')}")
+    return 0
+
+
+def cmd_train_denoiser(args: argparse.Namespace) -> int:
+    from .diffusion.training import TrainConfig, export_ema, train_denoiser
+
+    config = TrainConfig(
+        out_dir=args.out, data=args.data, steps=args.steps, batch_size=args.batch_size,
+        lr=args.lr, t_max=args.t_max, seed=args.seed, checkpoint_every=args.checkpoint_every,
+    )
+    last = train_denoiser(config)
+    dest = Path(args.export or Path(args.out) / "denoiser.safetensors")
+    info = export_ema(last, dest)
+    print(f"EMA weights after {info['steps']} steps written to {dest}")
+    return 0
+
+
+def cmd_export_denoiser(args: argparse.Namespace) -> int:
+    from .diffusion.training import export_ema
+
+    info = export_ema(Path(args.checkpoint), Path(args.dest))
+    print(json.dumps(info))
+    return 0
+
+
+def cmd_eval_denoiser(args: argparse.Namespace) -> int:
+    from .atomic import write_text_atomic
+    from .classifiers import CLASSIFIERS, load_classifier
+    from .data import load_cifar10
+    from .denoiser_quality import evaluate_denoiser
+    from .diffusion.networks import load_unet_safetensors
+    from .diffusion.zoo import DIFFUSION_MODELS, load_diffusion_model
+
+    # Check names and data before loading any network.
+    CLASSIFIERS.get(args.classifier)
+    if not args.weights:
+        DIFFUSION_MODELS.get(args.diffusion_model)
+    data = load_cifar10(args.data, split="test").subset(args.n, args.seed)
+    if args.weights:
+        model, model_label = load_unet_safetensors(Path(args.weights)), str(args.weights)
+    else:
+        model, model_label = load_diffusion_model(args.diffusion_model), args.diffusion_model
+    classifier = load_classifier(args.classifier)
+    result = evaluate_denoiser(
+        model, classifier, data.as_float(), data.labels, args.psnr_t, args.purify_t,
+        args.purify_stride, args.seed,
+    )
+    result.update(
+        data_source=data.source, split="test", images=len(data), subset_seed=args.seed,
+        noise_seed=args.seed, classifier=args.classifier, diffusion_model=model_label,
+        sampler=f"DDIM eta=0 from t={args.purify_t}, stride {args.purify_stride}",
+    )
+    print(f"# Denoiser quality: {model_label} on {len(data)} {data.source} test images (seed {args.seed})")
+    print("| t | PSNR noisy input (dB) | PSNR one-step x0 prediction (dB) |")
+    print("|---|---|---|")
+    for t, row in result["one_step_psnr_db"].items():
+        print(f"| {t} | {row['noisy_input']:.2f} | {row['x0_prediction']:.2f} |")
+    print(
+        f"\n{args.classifier} alone: {100 * result['accuracy_alone']:.1f}%   after {result['sampler']} "
+        f"({result['network_calls']} network calls): {100 * result['accuracy_purified']:.1f}% "
+        f"(PSNR of purified images {result['purified_psnr_db']:.2f} dB)"
+    )
+    if args.out:
+        write_text_atomic(Path(args.out), json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Benchmark of diffusion-based adversarial purification."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("list", help="datasets, classifiers and diffusion models, and what is available offline")
+    p.set_defaults(func=cmd_list)
+
+    p = commands.add_parser("train-denoiser", help="train (or resume) the small eps-prediction denoiser")
+    p.add_argument("--out", required=True, help="run folder; rerunning with the same folder resumes")
+    _add_data_option(p)
+    p.add_argument("--steps", type=int, default=20000, help="total optimiser steps (default 20000)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--t-max", type=int, default=300, help="train on t in 0..t_max-1 (default 300)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=200)
+    p.add_argument("--export", help="where to write the EMA safetensors (default OUT/denoiser.safetensors)")
+    p.set_defaults(func=cmd_train_denoiser)
+
+    p = commands.add_parser("export-denoiser", help="write the EMA weights of a training checkpoint as safetensors")
+    p.add_argument("checkpoint", help="the run's last.pt")
+    p.add_argument("dest", help="output .safetensors path")
+    p.set_defaults(func=cmd_export_denoiser)
+
+    p = commands.add_parser("eval-denoiser", help="one-step PSNR and DDIM-purified accuracy of a denoiser")
+    _add_data_option(p)
+    p.add_argument("--diffusion-model", default="embedded-denoiser")
+    p.add_argument("--weights", help="evaluate this safetensors file instead of a registered model")
+    p.add_argument("--classifier", default="resnet18-pyautoattack")
+    p.add_argument("-n", "--num-images", dest="n", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--psnr-t", type=int, nargs="+", default=[100, 200])
+    p.add_argument("--purify-t", type=int, default=100)
+    p.add_argument("--purify-stride", type=int, default=10)
+    p.add_argument("--out", help="also write the result as JSON here")
+    p.set_defaults(func=cmd_eval_denoiser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130

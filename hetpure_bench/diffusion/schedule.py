@@ -1,0 +1,159 @@
+"""The discrete variance-preserving (DDPM) noise schedule and its closed-form transitions.
+
+Conventions (see METHOD.md):
+- images x are in [-1, 1]; the network predicts eps from (x_t, t) with integer t in 0..T-1;
+- ``alpha_bar(t)`` is the cumulative product of (1 - beta_i) for i <= t, so with the linear
+  schedule alpha_bar(100) = 0.895 and alpha_bar(200) = 0.656;
+- the clean image is time ``CLEAN = -1`` with alpha_bar = 1 (a sampler's last step lands there).
+
+Everything here is a pure, differentiable tensor function. Randomness is always drawn from an
+explicit ``torch.Generator`` so that attacks which reseed the global RNG cannot change it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+CLEAN = -1
+"""The time index of the clean image (alpha_bar = 1)."""
+
+def randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal noise shaped like ``x``, drawn from ``generator``."""
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+@dataclass(frozen=True)
+class VPSchedule:
+    """Linear-beta VP schedule: betas evenly spaced from ``beta_start`` to ``beta_end``.
+
+    The defaults are DDPM's (Ho et al.), the N = 1000 discretisation of the VP-SDE with
+    beta_min = 0.1 and beta_max = 20.
+    """
+
+    num_steps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+
+    @cached_property
+    def betas(self) -> torch.Tensor:
+        """beta_t for t = 0..T-1 (float64)."""
+        return torch.linspace(self.beta_start, self.beta_end, self.num_steps, dtype=torch.float64)
+
+    @cached_property
+    def _alpha_bar_padded(self) -> torch.Tensor:
+        # Index 0 is the clean image (t = -1), so index t + 1 holds alpha_bar(t).
+        abar = torch.cumprod(1.0 - self.betas, dim=0)
+        return torch.cat([torch.ones(1, dtype=torch.float64), abar])
+
+    def alpha_bar(self, t: int | torch.Tensor) -> torch.Tensor:
+        """alpha_bar(t) for t in -1..T-1 (float64; same shape as ``t``)."""
+        index = torch.as_tensor(t, dtype=torch.long) + 1
+        if bool(((index < 0) | (index > self.num_steps)).any()):
+            raise ValueError(f"timestep out of range -1..{self.num_steps - 1}: {t}")
+        return self._alpha_bar_padded[index]
+
+    def beta(self, t: int | torch.Tensor) -> torch.Tensor:
+        """beta_t for t in 0..T-1 (float64)."""
+        return self.betas[torch.as_tensor(t, dtype=torch.long)]
+
+
+def _coef(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Cast per-sample (or scalar) schedule values to ``like``'s dtype/device, broadcastable."""
+    values = values.to(device=like.device, dtype=like.dtype)
+    return values.reshape(values.shape + (1,) * (like.dim() - values.dim()))
+
+
+def q_sample(
+    schedule: VPSchedule,
+    x0: torch.Tensor,
+    t: int | torch.Tensor,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Draw x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I). ``t`` is scalar or per-sample."""
+    abar = _coef(schedule.alpha_bar(t), x0)
+    if noise is None:
+        noise = randn_like(x0, generator)
+    return abar.sqrt() * x0 + (1.0 - abar).sqrt() * noise
+
+
+def q_forward(
+    schedule: VPSchedule,
+    x_t: torch.Tensor,
+    t: int | torch.Tensor,
+    s: int | torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Draw x_s ~ q(x_s | x_t) for s >= t: the composition of the one-step transitions t -> s.
+
+    With s = t + U this is the "U forward transitions" of single-step resampling, in one draw.
+    """
+    ratio = _coef(schedule.alpha_bar(s) / schedule.alpha_bar(t), x_t)
+    if bool((ratio > 1).any()):
+        raise ValueError("q_forward needs s >= t (it only adds noise)")
+    return ratio.sqrt() * x_t + (1.0 - ratio).sqrt() * randn_like(x_t, generator)
+
+
+def predict_x0(
+    schedule: VPSchedule, x_t: torch.Tensor, t: int | torch.Tensor, eps: torch.Tensor
+) -> torch.Tensor:
+    """x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t); not clipped, as in the reference code."""
+    abar = _coef(schedule.alpha_bar(t), x_t)
+    return (x_t - (1.0 - abar).sqrt() * eps) / abar.sqrt()
+
+
+def ddim_step(
+    schedule: VPSchedule,
+    x_t: torch.Tensor,
+    t: int | torch.Tensor,
+    s: int | torch.Tensor,
+    eps: torch.Tensor,
+) -> torch.Tensor:
+    """Deterministic DDIM step (eta = 0) from t to any s < t (s = CLEAN returns x0_hat)."""
+    x0_hat = predict_x0(schedule, x_t, t, eps)
+    abar_s = _coef(schedule.alpha_bar(s), x_t)
+    return abar_s.sqrt() * x0_hat + (1.0 - abar_s).sqrt() * eps
+
+
+def ddpm_step(
+    schedule: VPSchedule,
+    x_t: torch.Tensor,
+    t: int | torch.Tensor,
+    eps: torch.Tensor,
+    generator: torch.Generator | None = None,
+    variance: str = "small",
+) -> torch.Tensor:
+    """One ancestral step x_t -> x_{t-1} ~ p(x_{t-1} | x_t) with eps-parameterised mean.
+
+    mean = (x_t - beta_t / sqrt(1 - abar_t) * eps) / sqrt(1 - beta_t). ``variance`` is "small"
+    (posterior beta_tilde_t = beta_t (1 - abar_{t-1}) / (1 - abar_t), zero at t = 0) or "large"
+    (beta_t, DDPM's other choice; still no noise on the last step t = 0).
+    """
+    t_tensor = torch.as_tensor(t, dtype=torch.long)
+    beta = schedule.beta(t_tensor)
+    abar_t = schedule.alpha_bar(t_tensor)
+    abar_prev = schedule.alpha_bar(t_tensor - 1)
+    if variance == "small":
+        var = beta * (1.0 - abar_prev) / (1.0 - abar_t)
+    elif variance == "large":
+        var = torch.where(t_tensor > 0, beta, torch.zeros_like(beta))
+    else:
+        raise ValueError(f"variance must be 'small' or 'large', got {variance!r}")
+    mean = (x_t - _coef(beta / (1.0 - abar_t).sqrt(), x_t) * eps) / _coef((1.0 - beta).sqrt(), x_t)
+    return mean + _coef(var.sqrt(), x_t) * randn_like(x_t, generator)
+
+
+def timestep_grid(t_start: int, stride: int) -> list[int]:
+    """The network-call times of a strided sampler from ``t_start`` down to the clean image.
+
+    Returns [t_start, t_start - stride, ...] down to the smallest positive entry, followed by
+    ``CLEAN``: the sampler calls the network at every entry but the last, so the number of
+    network calls is ceil(t_start / stride). E.g. (100, 10) -> [100, 90, ..., 10, -1]
+    (10 calls); (200, 100) -> [200, 100, -1] (2 calls).
+    """
+    if t_start < 1 or stride < 1:
+        raise ValueError(f"need t_start >= 1 and stride >= 1, got {t_start}, {stride}")
+    return list(range(t_start, 0, -stride)) + [CLEAN]

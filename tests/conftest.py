@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny generated CIFAR-like data and the shared JPEG copy when it is present."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hetpure_bench.data import CLASSES
+
+SHARED_JPEG = Path(
+    os.environ.get("HETPURE_TEST_JPEG", Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg")
+)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_environment(tmp_path_factory, monkeypatch):
+    """No test reads the user's cache or data settings, and torch uses the 2 cores it has."""
+    monkeypatch.setenv("HETPURE_HOME", str(tmp_path_factory.mktemp("hetpure_home")))
+    monkeypatch.delenv("HETPURE_DATA", raising=False)
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def shared_jpeg() -> Path:
+    if not (SHARED_JPEG / "test.tar").is_file():
+        pytest.skip(f"shared JPEG CIFAR-10 copy not found at {SHARED_JPEG}")
+    return SHARED_JPEG
+
+
+def random_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """n random uint8 images (n, 3, 32, 32) and labels cycling through 0..9."""
+    rng = np.random.RandomState(seed)
+    return rng.randint(0, 256, (n, 3, 32, 32), dtype=np.uint8), np.arange(n) % len(CLASSES)
+
+
+def write_pickle_batch(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    """A batch file in the official CIFAR-10 python format (flattened CHW rows, label list)."""
+    entry = {"data": images.reshape(len(images), -1), "labels": labels.tolist(), "batch_label": b"test"}
+    with open(path, "wb") as handle:
+        pickle.dump(entry, handle)

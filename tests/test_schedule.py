@@ -1,0 +1,134 @@
+import math
+
+import pytest
+import torch
+
+from hetpure_bench.diffusion.schedule import (
+    CLEAN, VPSchedule, ddim_step, ddpm_step, predict_x0, q_forward, q_sample, timestep_grid,
+)
+
+S = VPSchedule()
+
+
+def test_alpha_bar_matches_hand_computed_values():
+    # prod_{i<=t} (1 - beta_i) with beta_i = 1e-4 + i * (0.02 - 1e-4) / 999, computed by hand in float64.
+    betas = [1e-4 + i * (0.02 - 1e-4) / 999 for i in range(1000)]
+    expected = math.prod(1 - b for b in betas[:101])
+    assert S.alpha_bar(100).item() == pytest.approx(expected, rel=1e-12)
+    assert S.alpha_bar(100).item() == pytest.approx(0.895, abs=5e-4)
+    assert S.alpha_bar(200).item() == pytest.approx(0.656, abs=5e-4)
+    assert S.alpha_bar(0).item() == pytest.approx(1 - 1e-4)
+    assert S.alpha_bar(CLEAN).item() == 1.0
+    assert S.betas[-1].item() == pytest.approx(0.02)
+
+
+def test_discrete_schedule_matches_vp_sde():
+    # abar(t*) of the VP-SDE with beta_min 0.1, beta_max 20: exp(-t^2 (bmax - bmin) / 2 - t bmin).
+    continuous = math.exp(-0.5 * 0.1**2 * 19.9 - 0.1 * 0.1)
+    assert S.alpha_bar(100).item() == pytest.approx(continuous, abs=2e-3)
+
+
+def test_out_of_range_timestep_is_an_error():
+    with pytest.raises(ValueError):
+        S.alpha_bar(1000)
+    with pytest.raises(ValueError):
+        S.alpha_bar(-2)
+
+
+def test_q_sample_formula_and_per_sample_t():
+    x0 = torch.randn(2, 3, 4, 4)
+    noise = torch.randn_like(x0)
+    t = torch.tensor([100, 200])
+    x_t = q_sample(S, x0, t, noise=noise)
+    for i, ti in enumerate(t.tolist()):
+        a = S.alpha_bar(ti).item()
+        torch.testing.assert_close(x_t[i], math.sqrt(a) * x0[i] + math.sqrt(1 - a) * noise[i])
+
+
+def test_noise_comes_from_the_generator_only():
+    x0 = torch.zeros(2, 3, 8, 8)
+    a = q_sample(S, x0, 50, torch.Generator().manual_seed(1))
+    torch.manual_seed(123)  # reseeding the global RNG (as AutoAttack does) must change nothing
+    b = q_sample(S, x0, 50, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(a, b)
+    assert not torch.equal(a, q_sample(S, x0, 50, torch.Generator().manual_seed(2)))
+
+
+def test_q_forward_has_the_composed_marginal():
+    # x_100 from q(x_100 | x0) then q(x_130 | x_100) must be distributed as q(x_130 | x0).
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.full((200_000,), 0.7, dtype=torch.float64)
+    x_130 = q_forward(S, q_sample(S, x0, 100, g), 100, 130, g)
+    a = S.alpha_bar(130).item()
+    assert x_130.mean().item() == pytest.approx(math.sqrt(a) * 0.7, abs=5e-3)
+    assert x_130.var().item() == pytest.approx(1 - a, rel=2e-2)
+    with pytest.raises(ValueError):
+        q_forward(S, x0, 130, 100, g)
+
+
+def test_ddim_with_true_noise_is_exact():
+    # With the true eps, a DDIM step lands exactly on q(x_s | x0) with the same noise, and the
+    # step to CLEAN returns x0: the update rule itself adds no error.
+    x0, noise = torch.randn(3, 3, 4, 4, dtype=torch.float64), torch.randn(3, 3, 4, 4, dtype=torch.float64)
+    x_200 = q_sample(S, x0, 200, noise=noise)
+    torch.testing.assert_close(ddim_step(S, x_200, 200, 100, noise), q_sample(S, x0, 100, noise=noise))
+    torch.testing.assert_close(ddim_step(S, x_200, 200, CLEAN, noise), x0)
+    torch.testing.assert_close(predict_x0(S, x_200, 200, noise), x0)
+
+
+def test_ddim_step_hand_computed():
+    x_t, eps = torch.tensor([0.5]), torch.tensor([0.2])
+    a_t, a_s = S.alpha_bar(10).item(), S.alpha_bar(5).item()
+    x0_hat = (0.5 - math.sqrt(1 - a_t) * 0.2) / math.sqrt(a_t)
+    expected = math.sqrt(a_s) * x0_hat + math.sqrt(1 - a_s) * 0.2
+    assert ddim_step(S, x_t, 10, 5, eps).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_ddpm_step_mean_and_variance():
+    g = torch.Generator().manual_seed(0)
+    t = 50
+    x_t = torch.full((400_000,), 0.3, dtype=torch.float64)
+    eps = torch.full_like(x_t, -0.4)
+    beta, a_t, a_prev = S.beta(t).item(), S.alpha_bar(t).item(), S.alpha_bar(t - 1).item()
+    mean = (0.3 + beta / math.sqrt(1 - a_t) * 0.4) / math.sqrt(1 - beta)
+    small = ddpm_step(S, x_t, t, eps, g, variance="small")
+    large = ddpm_step(S, x_t, t, eps, g, variance="large")
+    assert small.mean().item() == pytest.approx(mean, abs=2e-4)
+    assert small.var().item() == pytest.approx(beta * (1 - a_prev) / (1 - a_t), rel=2e-2)
+    assert large.var().item() == pytest.approx(beta, rel=2e-2)
+    # The last step (t = 0) adds no noise for either choice.
+    x0 = torch.randn(5, dtype=torch.float64)
+    assert torch.equal(ddpm_step(S, x0, 0, eps[:5], g, "small"), ddpm_step(S, x0, 0, eps[:5], g, "large"))
+    with pytest.raises(ValueError):
+        ddpm_step(S, x0, 3, eps[:5], g, variance="medium")
+
+
+def test_ddpm_last_step_returns_x0_prediction():
+    x_t, eps = torch.randn(4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    torch.testing.assert_close(ddpm_step(S, x_t, 0, eps, None), predict_x0(S, x_t, 0, eps))
+
+
+@pytest.mark.parametrize(
+    "t_start, stride, expected",
+    [(100, 10, [100, 90, 80, 70, 60, 50, 40, 30, 20, 10, -1]), (200, 100, [200, 100, -1]), (5, 2, [5, 3, 1, -1])],
+)
+def test_timestep_grid(t_start, stride, expected):
+    assert timestep_grid(t_start, stride) == expected
+
+
+def test_timestep_grid_call_count():
+    assert len(timestep_grid(200, 2)) - 1 == 100  # the reference's 100-call defense grid
+    with pytest.raises(ValueError):
+        timestep_grid(0, 2)
+
+
+def test_transitions_are_differentiable():
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    eps = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+
+    def chain(x, eps):
+        g = torch.Generator().manual_seed(0)
+        y = q_forward(S, q_sample(S, x, 100, g), 100, 103, g)
+        return ddpm_step(S, ddim_step(S, y, 103, 50, eps), 50, eps, g)
+
+    assert torch.autograd.gradcheck(chain, (x, eps))
