@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .attention_mask import MASK_HOOKS
 from .registry import Registry
 
 CLASSIFIERS: Registry[nn.Module] = Registry("classifier")
@@ -32,6 +33,7 @@ CLASSIFIERS.register(
     load_pyautoattack_resnet18,
     available=lambda: _pyautoattack_resnet18_path().is_file(),
     architecture="ResNet-18",
+    mask_hooks=MASK_HOOKS["resnet-18"],
     training="standard (no adversarial training)",
     input_range="[0,1], no normalisation",
     source="pyautoattack wheel, examples/model_test.pt",
@@ -40,7 +42,12 @@ CLASSIFIERS.register(
 
 
 def load_classifier(name: str) -> nn.Module:
-    """Build a registered classifier in eval mode with frozen parameters."""
-    model = CLASSIFIERS.build(name)
+    """Build a registered classifier in eval mode with frozen parameters.
+
+    The model carries ``mask_hooks``: the blocks the attention mask of hetpure hooks.
+    """
+    entry = CLASSIFIERS.get(name)
+    model = entry.build()
     model.requires_grad_(False)
+    model.mask_hooks = tuple(entry.info.get("mask_hooks", ()))
     return model.eval()

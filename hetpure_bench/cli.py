@@ -7,6 +7,9 @@ import json
 import sys
 from pathlib import Path
 
+import yaml
+
+from .atomic import write_text_atomic
 from .errors import UserError
 
 PROG = "hetpure_bench"
@@ -64,7 +67,6 @@ def cmd_export_denoiser(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_denoiser(args: argparse.Namespace) -> int:
-    from .atomic import write_text_atomic
     from .classifiers import CLASSIFIERS, load_classifier
     from .data import load_cifar10
     from .denoiser_quality import evaluate_denoiser
@@ -105,6 +107,60 @@ def cmd_eval_denoiser(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_setting(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise UserError(f"--defense-arg needs KEY=VALUE, got {text!r}")
+    try:
+        return key, yaml.safe_load(value)
+    except yaml.YAMLError:
+        return key, value
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .leaderboard import merge_row
+    from .runner import run, spec_from_preset, validate
+
+    attack = {k: v for k, v in {
+        "steps": args.steps, "step_size": args.step_size, "eot": args.eot, "random_start": args.random_start,
+    }.items() if v is not None}
+    spec = spec_from_preset(
+        args.preset, args.defense, classifier=args.classifier, diffusion_model=args.diffusion_model,
+        data=args.data, n_images=args.n, seed=args.seed, threat=args.threat, eps=args.eps,
+        gradient=args.gradient, evaluation=args.evaluation, batch_size=args.batch_size,
+        attack=attack, defense_overrides=dict(_parse_setting(s) for s in args.defense_arg),
+    )
+    validate(spec)
+    leaderboard_dir = Path(args.leaderboard_dir)
+    _check_writable(leaderboard_dir)
+    row, per_image = run(spec)
+    table = merge_row(leaderboard_dir, row)
+    runs = Path(args.runs_dir) / f"{row['defense']}-{row['data_source']}-{row['threat']}-seed{row['seed']}"
+    write_text_atomic(runs / "per_image.csv", per_image.to_csv(index=False))
+    write_text_atomic(runs / "row.json", json.dumps(row, indent=2, default=str) + "\n")
+    print(
+        f"{row['defense']} [{row['defense_config']}] | {row['classifier']} + {row['diffusion_model']} | "
+        f"{row['data_source']}, {row['n_images']} images, seed {row['seed']} | {row['attack']}, "
+        f"{row['threat']} eps {row['eps']}, gradient {row['gradient_mode']} | evaluation {row['evaluation']}"
+    )
+    print(
+        f"clean {100 * row['clean_acc']:.1f}%  robust {100 * row['robust_acc']:.1f}%  "
+        f"NFE {row['nfe']}  wall {row['wall_s']:.1f} s"
+    )
+    print(f"leaderboard: {leaderboard_dir} ({len(table)} rows); per-image results: {runs}")
+    return 0
+
+
+def _check_writable(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / ".write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write to {directory}: {exc.strerror}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Benchmark of diffusion-based adversarial purification."
@@ -113,6 +169,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("list", help="datasets, classifiers and diffusion models, and what is available offline")
     p.set_defaults(func=cmd_list)
+
+    p = commands.add_parser("run", help="attack a defense and merge its row into the leaderboard")
+    p.add_argument("--defense", required=True, help="registered defense name (none, diffpure, hetpure, ...)")
+    p.add_argument("--preset", default="smoke", help="shipped YAML preset giving the defaults (default smoke)")
+    p.add_argument("--classifier")
+    p.add_argument("--diffusion-model")
+    _add_data_option(p)
+    p.add_argument("-n", "--num-images", dest="n", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--threat", choices=["Linf", "L2"])
+    p.add_argument("--eps", help="attack budget, e.g. 8/255 (Linf) or 0.5 (L2)")
+    p.add_argument("--steps", type=int, help="PGD-EOT iterations")
+    p.add_argument("--step-size", type=float)
+    p.add_argument("--eot", type=int, help="EOT samples per iteration")
+    p.add_argument("--random-start", action="store_true", default=None)
+    p.add_argument("--gradient", help="'full' or 'surrogate:K'")
+    p.add_argument("--evaluation", help="'single' or 'vote:m'")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--defense-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="defense setting, e.g. t_l=150 or mask.tau=0.85 (repeatable)")
+    p.add_argument("--leaderboard-dir", default="leaderboards")
+    p.add_argument("--runs-dir", default="runs", help="where per-image results go")
+    p.set_defaults(func=cmd_run)
 
     p = commands.add_parser("train-denoiser", help="train (or resume) the small eps-prediction denoiser")
     p.add_argument("--out", required=True, help="run folder; rerunning with the same folder resumes")

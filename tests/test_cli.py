@@ -57,3 +57,41 @@ def test_train_denoiser_command_trains_resumes_and_exports(tmp_path, capsys):
     assert "after 2 steps" in capsys.readouterr().out
     model = load_unet_safetensors(tmp_path / "run" / "denoiser.safetensors")
     assert model.metadata["steps"] == 2 and model.metadata["training_data"] == "imagefolder"
+
+
+def test_run_command_writes_leaderboard_and_per_image_results(tmp_path, shared_jpeg, capsys):
+    common = ["--data", str(shared_jpeg), "-n", "2", "--steps", "1", "--eot", "1", "--batch-size", "2",
+              "--leaderboard-dir", str(tmp_path / "lb"), "--runs-dir", str(tmp_path / "runs")]
+    assert main(["run", "--defense", "hetpure", "--defense-arg", "stride=100"] + common) == 0
+    assert main(["run", "--defense", "none"] + common) == 0
+    out = capsys.readouterr().out
+    assert "hetpure [t_l=200 t_s=100 stride=100" in out and "NFE 2" in out
+    csv = (tmp_path / "lb" / "cifar10-jpeg-Linf.csv").read_text()
+    assert csv.count("\n") == 3 and "resnet18-pyautoattack" in csv and "PGD-EOT(Linf, 1 steps, EOT 1)" in csv
+    per_image = (tmp_path / "runs" / "hetpure-cifar10-jpeg-Linf-seed0" / "per_image.csv").read_text()
+    assert per_image.splitlines()[0] == "index,label,clean_pred,adv_pred,clean_correct,robust_correct"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "--defense", "hetpur"], "did you mean 'hetpure'"),
+        (["run", "--defense", "hetpure", "--eps", "2"], "out of range for Linf"),
+        (["run", "--defense", "hetpure", "--gradient", "bpda"], "unknown gradient mode"),
+        (["run", "--defense", "hetpure", "--evaluation", "vote"], "unknown evaluation mode"),
+        (["run", "--defense", "hetpure", "--preset", "nope"], "unknown preset"),
+        (["run", "--defense", "hetpure", "--defense-arg", "t_l"], "KEY=VALUE"),
+        (["run", "--defense", "hetpure", "--defense-arg", "tl=3"], "no setting 'tl'"),
+    ],
+)
+def test_run_bad_input_exits_2_before_work(capsys, args, message):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_run_refuses_an_unwritable_leaderboard_dir(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["run", "--defense", "none", "--leaderboard-dir", str(blocker / "sub")]) == 2
+    assert "cannot write" in capsys.readouterr().err

@@ -1,19 +1,56 @@
-"""Sampling loops over an ``EpsModel``, written here rather than taken from diffusers pipelines
-because those run under no_grad and attacks must differentiate through the loop."""
+"""The one sampler loop, and the network caller every defense uses inside it.
+
+Written here rather than taken from diffusers pipelines: those run under no_grad, and attacks
+must differentiate through the whole loop.
+"""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from .schedule import VPSchedule, ddim_step
 
+Step = Callable[[torch.Tensor, int, int], torch.Tensor]
+
+
+class NetworkCaller:
+    """Calls an eps-model and counts the calls.
+
+    When a gradient is being recorded, each call is wrapped in activation checkpointing, so the
+    memory of a backward pass through the loop does not grow with the number of steps. The
+    recomputation is exact: the network is deterministic (eval mode) and all sampler noise is
+    drawn outside the checkpointed call from the defense's own generator.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.calls = 0
+
+    def __call__(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        self.calls += 1
+        if torch.is_grad_enabled() and x.requires_grad:
+            return checkpoint(self.model, x, t, use_reentrant=False)
+        return self.model(x, t)
+
+
+def sample_loop(x: torch.Tensor, grid: list[int], step: Step) -> torch.Tensor:
+    """Apply ``step(x, t, s)`` for each consecutive pair (t, s) of ``grid``."""
+    for t, s in zip(grid[:-1], grid[1:]):
+        x = step(x, t, s)
+    return x
+
+
+def ddim_transition(schedule: VPSchedule, eps_fn: Callable[[torch.Tensor, int], torch.Tensor]) -> Step:
+    """The plain DDIM step (eta = 0) as a loop step: one network call."""
+    return lambda x, t, s: ddim_step(schedule, x, t, s, eps_fn(x, t))
+
 
 def ddim_sample(model, schedule: VPSchedule, x_t: torch.Tensor, grid: list[int]) -> torch.Tensor:
-    """Deterministic DDIM (eta = 0) from x at ``grid[0]`` through each grid point to ``grid[-1]``.
+    """Deterministic DDIM from x at ``grid[0]`` through each grid point to ``grid[-1]``.
 
     x_t is in [-1, 1]; one network call per step, so len(grid) - 1 calls.
     """
-    x = x_t
-    for t, s in zip(grid[:-1], grid[1:]):
-        x = ddim_step(schedule, x, t, s, model(x, t))
-    return x
+    return sample_loop(x_t, grid, ddim_transition(schedule, NetworkCaller(model)))

@@ -1,0 +1,107 @@
+"""The one interface every defense implements.
+
+A defense is an ``nn.Module`` around a classifier and (usually) a diffusion model:
+- ``purify(x01)`` maps [0,1] images to [0,1] images;
+- ``defense(x01)`` returns the classifier's logits on the purified images;
+- ``nfe`` is the number of diffusion-network calls per purification (closed form);
+- all randomness comes from the defense's own ``torch.Generator`` (seeded by ``seed``), because
+  attacks such as AutoAttack reseed the global RNG;
+- ``surrogate(k)`` returns a cheaper version with about k network calls, for "surrogate:k"
+  gradients (the attack then differentiates that, and the result is labelled as such).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..diffusion.schedule import VPSchedule
+from ..errors import UserError
+
+
+class Defense(nn.Module):
+    name: ClassVar[str]
+    config_class: ClassVar[type]
+    needs_diffusion: ClassVar[bool] = True
+    threat_defaults: ClassVar[dict[str, dict[str, Any]]] = {}  # config changes per threat model
+
+    def __init__(self, classifier: nn.Module, diffusion: nn.Module | None, config: Any = None, seed: int = 0):
+        super().__init__()
+        if self.needs_diffusion and diffusion is None:
+            raise UserError(f"defense {self.name!r} needs a diffusion model")
+        self.classifier = classifier
+        self.diffusion = diffusion
+        self.config = config if config is not None else self.config_class()
+        self.schedule = VPSchedule()
+        self.seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """This defense's generator on ``device`` (one per device, each seeded with ``seed``)."""
+        device = torch.device(device)
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device).manual_seed(self.seed)
+        return self._generators[device]
+
+    def reseed(self, seed: int) -> None:
+        self.seed = seed
+        self._generators.clear()
+
+    def purify(self, x01: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def nfe(self) -> int:
+        raise NotImplementedError
+
+    def surrogate(self, network_calls: int) -> "Defense":
+        raise UserError(f"defense {self.name!r} has no surrogate version")
+
+    def replace(self, **changes: Any) -> "Defense":
+        """The same defense (same networks and seed) with some configuration fields changed."""
+        return type(self)(self.classifier, self.diffusion, dataclasses.replace(self.config, **changes), self.seed)
+
+    def forward(self, x01: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.purify(x01))
+
+    def describe(self) -> str:
+        """The full configuration as ``key=value`` pairs (nested ones dotted), for result labels."""
+        return " ".join(f"{k}={v}" for k, v in _flatten(dataclasses.asdict(self.config)).items())
+
+
+def _flatten(settings: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        elif isinstance(value, (tuple, list)):
+            flat[prefix + key] = ",".join(map(str, value)) or "default"
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+@dataclasses.dataclass(frozen=True)
+class NoConfig:
+    pass
+
+
+class NoDefense(Defense):
+    """The bare classifier: purification is the identity."""
+
+    name = "none"
+    config_class = NoConfig
+    needs_diffusion = False
+
+    def purify(self, x01: torch.Tensor) -> torch.Tensor:
+        return x01
+
+    @property
+    def nfe(self) -> int:
+        return 0
+
+    def surrogate(self, network_calls: int) -> "Defense":
+        return self

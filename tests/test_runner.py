@@ -1,0 +1,120 @@
+import pandas as pd
+import pytest
+import torch
+
+from hetpure_bench.attacks.gradients import attack_model, parse_gradient_mode
+from hetpure_bench.attacks.pgd_eot import PGDEOT
+from hetpure_bench.defenses import build_defense
+from hetpure_bench.errors import UserError
+from hetpure_bench.evaluation import majority_vote, parse_evaluation_mode, predict
+from hetpure_bench.leaderboard import COLUMNS, merge_row
+from hetpure_bench.runner import RunSpec, attack_and_evaluate, parse_eps, spec_from_preset, validate
+from tiny_models import tiny_models
+
+
+def _data(n=6):
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(n, 3, 8, 8, generator=g), torch.arange(n) % 10, torch.arange(n)
+
+
+@pytest.mark.parametrize("evaluation", ["single", "vote:3"])
+def test_eps_zero_gives_robust_equal_to_clean(evaluation):
+    classifier, diffusion = tiny_models()
+    defense = build_defense("hetpure", classifier, diffusion, {"t_l": 40, "t_s": 20, "stride": 20})
+    spec = RunSpec(defense="hetpure", eps=0.0, evaluation=evaluation, batch_size=4)
+    attack = PGDEOT(eps=0.0, steps=2, eot=2)
+    x, y, index = _data()
+    per_image = attack_and_evaluate(defense, defense, attack, x, y, index, spec, progress=False)
+    assert per_image["robust_correct"].tolist() == per_image["clean_correct"].tolist()
+    assert (per_image["adv_pred"] == per_image["clean_pred"]).all()
+
+
+def test_attack_lowers_accuracy_of_the_bare_classifier():
+    classifier, _ = tiny_models()
+    defense = build_defense("none", classifier, None)
+    x, _, index = _data(8)
+    with torch.no_grad():
+        y = classifier(x).argmax(1)  # labels the classifier gets right
+    spec = RunSpec(defense="none", eps=0.5, batch_size=8)
+    per_image = attack_and_evaluate(defense, defense, PGDEOT(eps=0.5, step_size=0.1, steps=20, eot=1), x, y, index, spec, progress=False)
+    assert per_image["clean_correct"].all()
+    assert per_image["robust_correct"].mean() < 0.5
+
+
+def test_evaluation_modes():
+    assert parse_evaluation_mode("single") == 1 and parse_evaluation_mode("vote:20") == 20
+    with pytest.raises(UserError):
+        parse_evaluation_mode("worst")
+    votes = torch.tensor([[1, 2, 3], [1, 3, 4], [2, 3, 4]])
+    assert majority_vote(votes, 10).tolist() == [1, 3, 4]
+    assert majority_vote(torch.tensor([[5], [2]]), 10).tolist() == [2]  # tie -> lowest label
+
+    class Alternating(torch.nn.Module):
+        calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            logits = torch.zeros(x.shape[0], 10)
+            logits[:, 7 if self.calls % 3 else 1] = 1  # 7, 7, 1 over three calls
+            return logits
+
+    model = Alternating()
+    assert predict(model, torch.zeros(2, 3, 8, 8), "vote:3").tolist() == [7, 7]
+    assert model.calls == 3
+
+
+def test_gradient_modes():
+    classifier, diffusion = tiny_models()
+    defense = build_defense("hetpure", classifier, diffusion)
+    assert attack_model(defense, "full") is defense
+    assert attack_model(defense, "surrogate:2").nfe == 2
+    assert parse_gradient_mode("surrogate:4") == ("surrogate", 4)
+    for bad in ("surrogate", "surrogate:0", "bpda:1", "ful"):
+        with pytest.raises(UserError):
+            parse_gradient_mode(bad)
+
+
+def test_parse_eps_and_validation():
+    assert parse_eps("8/255") == pytest.approx(8 / 255) and parse_eps(0.5) == 0.5
+    with pytest.raises(UserError):
+        parse_eps("eight")
+    validate(spec_from_preset("smoke", "hetpure"))
+    with pytest.raises(UserError, match="out of range for Linf"):
+        validate(spec_from_preset("smoke", "hetpure", eps="300/255"))
+    with pytest.raises(UserError, match="did you mean 'diffpure'"):
+        validate(spec_from_preset("smoke", "difpure"))
+    with pytest.raises(UserError, match="unknown preset"):
+        spec_from_preset("paper-nothing", "hetpure")
+
+
+def test_preset_defense_settings_and_cli_overrides():
+    spec = spec_from_preset("smoke", "hetpure", n_images=4, attack={"steps": 3}, defense_overrides={"t_l": 100})
+    assert spec.n_images == 4 and spec.attack["steps"] == 3 and spec.attack["eot"] == 2
+    assert spec.defense_overrides == {"stride": 20, "t_l": 100}
+    assert spec.eps == pytest.approx(8 / 255)
+
+
+def _row(**changes):
+    row = {
+        "defense": "hetpure", "defense_config": "t_l=200", "classifier": "c", "diffusion_model": "d",
+        "data_source": "cifar10-jpeg", "threat": "Linf", "eps": "0.0313725", "attack": "PGD-EOT",
+        "gradient_mode": "full", "evaluation": "single", "n_images": 32, "seed": 0,
+        "clean_acc": 0.8, "robust_acc": 0.5, "nfe": 10, "wall_s": 12.0,
+    }
+    row.update(changes)
+    return row
+
+
+def test_leaderboard_rerun_replaces_its_own_row(tmp_path):
+    merge_row(tmp_path, _row())
+    merge_row(tmp_path, _row(defense="none", robust_acc=0.0, nfe=0))
+    table = merge_row(tmp_path, _row(robust_acc=0.6, wall_s=11.0))  # same setup, new numbers
+    assert len(table) == 2
+    csv = pd.read_csv(tmp_path / "cifar10-jpeg-Linf.csv")
+    assert list(csv.columns) == COLUMNS
+    assert csv.loc[csv.defense == "hetpure", "robust_acc"].tolist() == [0.6]
+    assert csv.defense.tolist() == ["hetpure", "none"]  # sorted by robust accuracy
+    markdown = (tmp_path / "cifar10-jpeg-Linf.md").read_text()
+    assert "| hetpure | t_l=200 | c | d | cifar10-jpeg | Linf | 0.0313725 | PGD-EOT | full | single | 32 | 0 | 80.0 | 60.0 | 10 | 11.0 |" in markdown
+    merge_row(tmp_path, _row(seed=1))  # another seed is another setup
+    assert len(pd.read_csv(tmp_path / "cifar10-jpeg-Linf.csv")) == 3
