@@ -27,6 +27,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     from .classifiers import CLASSIFIERS
     from .data import OFFICIAL_BATCHES, OFFICIAL_FOLDER, resolve_data_spec
     from .cache import hetpure_home
+    from .defenses import DEFENSES, load_entry_point_defenses
     from .diffusion.zoo import DIFFUSION_MODELS
 
     cached = hetpure_home() / "cifar10" / OFFICIAL_FOLDER
@@ -41,6 +42,10 @@ def cmd_list(args: argparse.Namespace) -> int:
         for entry in registry:
             state = "available offline" if entry.available() else "not available offline"
             print(f"  {entry.name:<24} {state:<22} {entry.info.get('architecture', '')}")
+    load_entry_point_defenses()
+    print("defenses:")
+    for entry in DEFENSES:
+        print(f"  {entry.name:<24} {entry.info.get('summary', entry.info.get('source', ''))}")
     return 0
 
 

@@ -32,6 +32,7 @@ def test_list_shows_registered_models_and_availability(capsys):
     out = capsys.readouterr().out
     assert "resnet18-pyautoattack" in out and "embedded-denoiser" in out
     assert "available offline" in out and "official" in out
+    assert "hetpure" in out and "diffpure" in out
 
 
 @pytest.mark.parametrize(

@@ -212,3 +212,29 @@ def test_third_party_defenses_register_through_entry_points(monkeypatch):
     blur = defenses.build_defense("test-blur", classifier, None, {"width": 5})
     assert blur.config.width == 5 and blur.purify(_x()).shape == (2, 3, 8, 8)
     assert defenses.DEFENSES.get("test-blur").info["source"] == "entry point thirdparty:Blur"
+
+
+def test_hetpure_computes_the_mask_once_per_call_and_leaves_no_hooks():
+    classifier, diffusion = tiny_models()
+    calls = []
+    classifier.register_forward_pre_hook(lambda module, args: calls.append(1))
+    defense = build_defense("hetpure", classifier, diffusion, {"stride": 20})
+    with torch.no_grad():
+        defense(_x())
+    assert len(calls) == 2  # one pass for the mask, one to classify the purified images
+    for module in (classifier.layer1, classifier.layer2):
+        assert not module._forward_hooks
+
+
+def test_hooks_are_removed_when_the_classifier_fails_mid_mask():
+    classifier, diffusion = tiny_models()
+
+    def explode(module, args, output):
+        raise RuntimeError("classifier failed")
+
+    classifier.layer2.register_forward_hook(explode)
+    defense = build_defense("hetpure", classifier, diffusion, {"stride": 20})
+    with pytest.raises(RuntimeError, match="classifier failed"):
+        defense.purify(_x())
+    assert not classifier.layer1._forward_hooks
+    assert len(classifier.layer2._forward_hooks) == 1  # only the test's own hook is left

@@ -124,7 +124,7 @@ def train_denoiser(config: TrainConfig) -> Path:
                 with atomic_path(last) as tmp:
                     torch.save(state, tmp)
                 mean_loss = sum(losses) / len(losses)
-                log.write(json.dumps({"step": step, "loss": mean_loss, "wall_seconds": elapsed}) + "\n")
+                log.write(json.dumps({"step": step, "loss": mean_loss, "lr": optimizer.param_groups[0]["lr"], "wall_seconds": elapsed}) + "\n")
                 log.flush()
                 losses.clear()
     return last
