@@ -14,6 +14,7 @@ from ..errors import UserError
 from ..registry import Registry
 from .base import Defense, NoDefense
 from .diffpure import DiffPure
+from .gdmp import GDMP
 from .hetpure import HeterogeneousPurifier
 
 ENTRY_POINT_GROUP = "hetpure_bench.defenses"
@@ -27,6 +28,7 @@ def register_defense(cls: type[Defense], **info: Any) -> type[Defense]:
 
 register_defense(NoDefense, summary="the bare classifier (no purification)")
 register_defense(DiffPure, summary="DiffPure (Nie et al., ICML 2022): diffuse to t*, reverse process to 0")
+register_defense(GDMP, summary="GDMP (Wang et al., 2022): DDPM purification guided by SSIM or MSE to the input")
 register_defense(
     HeterogeneousPurifier,
     summary="heterogeneous-noise purification (Pei et al., CVPR 2025): attention mask, two-stage DDIM, single-step resampling",

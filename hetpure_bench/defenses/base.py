@@ -3,7 +3,9 @@
 A defense is an ``nn.Module`` around a classifier and (usually) a diffusion model:
 - ``purify(x01)`` maps [0,1] images to [0,1] images;
 - ``defense(x01)`` returns the classifier's logits on the purified images;
-- ``nfe`` is the number of diffusion-network calls per purification (closed form);
+- ``nfe`` is the number of diffusion-network calls per defended prediction, i.e. per call of
+  ``defense(x)`` (closed form; equal to the calls of one purification unless the defense combines
+  several, as GDMP's paths do);
 - all randomness comes from the defense's own ``torch.Generator`` (seeded by ``seed``), because
   attacks such as AutoAttack reseed the global RNG;
 - ``surrogate(k)`` returns a cheaper version with about k network calls, for "surrogate:k"
