@@ -82,15 +82,38 @@ def test_guidance_pulls_towards_the_input():
 def test_full_gradient_includes_the_guidance_term():
     # gradcheck compares autograd with finite differences: it only passes if the gradient
     # through the guidance term (second order) is included.
+    # The whole purification's gradient equals finite differences, guidance included.
     classifier, diffusion = tiny_models(dtype=torch.float64)
-    defense = build_defense("gdmp", classifier, diffusion, {"t_guide": 2, "iterations": 1, "paths": 1, "similarity": "ssim"}, seed=0)
+    settings = {"t_guide": 3, "iterations": 1, "paths": 1, "similarity": "mse", "scale": 3e6}
+    defense = build_defense("gdmp", classifier, diffusion, settings, seed=0)
     x = (0.25 + 0.5 * torch.rand(1, 3, 12, 12, dtype=torch.float64)).requires_grad_(True)
 
     def purify(x):
         defense.reseed(0)
         return defense.purify(x)
 
+    with torch.no_grad():
+        out = purify(x)
+    assert 0 < out.min() and out.max() < 1  # no clipping: the gradient is not trivially zero
     assert torch.autograd.gradcheck(purify, (x,), atol=1e-6, rtol=1e-4, fast_mode=True)
+
+
+def test_guided_step_differentiates_the_guidance_through_the_input():
+    # With x_t held fixed, a guided step depends on the input only through the guidance
+    # gradient grad_x sim(x_t, q(input)_t): a first-order-only backprop would give zero here.
+    from hetpure_bench.diffusion.sampling import NetworkCaller
+
+    classifier, diffusion = tiny_models(dtype=torch.float64)
+    defense = build_defense("gdmp", classifier, diffusion, {"similarity": "ssim"}, seed=0)
+    x_t = torch.randn(1, 3, 12, 12, dtype=torch.float64, requires_grad=True)
+    target = (torch.rand(1, 3, 12, 12, dtype=torch.float64) * 2 - 1).requires_grad_(True)
+
+    def step(target):
+        return defense._guided_step(x_t, 5, target, NetworkCaller(diffusion), torch.Generator().manual_seed(0))
+
+    grad, = torch.autograd.grad(step(target).sum(), target)
+    assert grad.abs().sum() > 0
+    assert torch.autograd.gradcheck(step, (target,), atol=1e-6, rtol=1e-4, fast_mode=True)
 
 
 def test_bad_gdmp_settings():
