@@ -123,36 +123,45 @@ def _parse_setting(text: str) -> tuple[str, object]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from .defenses import DEFENSES, load_entry_point_defenses
     from .leaderboard import merge_row
     from .runner import run, spec_from_preset, validate
 
+    load_entry_point_defenses()
+    names = DEFENSES.names() if args.defense == "all" else [n.strip() for n in args.defense.split(",") if n.strip()]
     attack = {k: v for k, v in {
         "steps": args.steps, "step_size": args.step_size, "eot": args.eot, "random_start": args.random_start,
     }.items() if v is not None}
-    spec = spec_from_preset(
-        args.preset, args.defense, classifier=args.classifier, diffusion_model=args.diffusion_model,
-        data=args.data, n_images=args.n, seed=args.seed, threat=args.threat, eps=args.eps,
-        gradient=args.gradient, evaluation=args.evaluation, batch_size=args.batch_size,
-        attack=attack, defense_overrides=dict(_parse_setting(s) for s in args.defense_arg),
-    )
-    validate(spec)
+    specs = [
+        spec_from_preset(
+            args.preset, name, classifier=args.classifier, diffusion_model=args.diffusion_model,
+            data=args.data, n_images=args.n, seed=args.seed, threat=args.threat, eps=args.eps,
+            gradient=args.gradient, evaluation=args.evaluation, batch_size=args.batch_size,
+            attack=attack, defense_overrides=dict(_parse_setting(s) for s in args.defense_arg),
+        )
+        for name in names
+    ]
+    for spec in specs:  # every row's input is checked before the first one runs
+        validate(spec)
     leaderboard_dir = Path(args.leaderboard_dir)
     _check_writable(leaderboard_dir)
-    row, per_image = run(spec)
-    table = merge_row(leaderboard_dir, row)
-    runs = Path(args.runs_dir) / f"{row['defense']}-{row['data_source']}-{row['threat']}-seed{row['seed']}"
-    write_text_atomic(runs / "per_image.csv", per_image.to_csv(index=False))
-    write_text_atomic(runs / "row.json", json.dumps(row, indent=2, default=str) + "\n")
-    print(
-        f"{row['defense']} [{row['defense_config']}] | {row['classifier']} + {row['diffusion_model']} | "
-        f"{row['data_source']}, {row['n_images']} images, seed {row['seed']} | {row['attack']}, "
-        f"{row['threat']} eps {row['eps']}, gradient {row['gradient_mode']} | evaluation {row['evaluation']}"
-    )
-    print(
-        f"clean {100 * row['clean_acc']:.1f}%  robust {100 * row['robust_acc']:.1f}%  "
-        f"NFE {row['nfe']}  wall {row['wall_s']:.1f} s"
-    )
-    print(f"leaderboard: {leaderboard_dir} ({len(table)} rows); per-image results: {runs}")
+    cache: dict = {}
+    for spec in specs:
+        row, per_image = run(spec, cache=cache)
+        table = merge_row(leaderboard_dir, row)
+        runs = Path(args.runs_dir) / f"{row['defense']}-{row['data_source']}-{row['threat']}-seed{row['seed']}"
+        write_text_atomic(runs / "per_image.csv", per_image.to_csv(index=False))
+        write_text_atomic(runs / "row.json", json.dumps(row, indent=2, default=str) + "\n")
+        print(
+            f"{row['defense']} [{row['defense_config']}] | {row['classifier']} + {row['diffusion_model']} | "
+            f"{row['data_source']}, {row['n_images']} images, seed {row['seed']} | {row['attack']}, "
+            f"{row['threat']} eps {row['eps']}, gradient {row['gradient_mode']} | evaluation {row['evaluation']}"
+        )
+        print(
+            f"clean {100 * row['clean_acc']:.1f}%  robust {100 * row['robust_acc']:.1f}%  "
+            f"NFE {row['nfe']}  wall {row['wall_s']:.1f} s"
+        )
+        print(f"leaderboard: {leaderboard_dir} ({len(table)} rows); per-image results: {runs}")
     return 0
 
 
@@ -176,7 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_list)
 
     p = commands.add_parser("run", help="attack a defense and merge its row into the leaderboard")
-    p.add_argument("--defense", required=True, help="registered defense name (none, diffpure, hetpure, ...)")
+    p.add_argument("--defense", required=True,
+                   help="registered defense name (see 'list'), a comma-separated list, or 'all'; "
+                   "several defenses run on the same images and attack, sharing the networks")
     p.add_argument("--preset", default="smoke", help="shipped YAML preset giving the defaults (default smoke)")
     p.add_argument("--classifier")
     p.add_argument("--diffusion-model")

@@ -152,13 +152,28 @@ def attack_and_evaluate(
     return pd.DataFrame(records)
 
 
-def run(spec: RunSpec, progress: bool = True) -> tuple[dict, pd.DataFrame]:
-    """Run one benchmark row; returns the row and the per-image results."""
+def run(spec: RunSpec, progress: bool = True, cache: dict | None = None) -> tuple[dict, pd.DataFrame]:
+    """Run one benchmark row; returns the row and the per-image results.
+
+    ``cache`` (a dict kept by the caller) shares loaded data and networks between the rows of
+    one invocation.
+    """
     validate(spec)
-    data = load_cifar10(spec.data, split="test").subset(spec.n_images, spec.seed)
-    classifier = load_classifier(spec.classifier)
+    cache = {} if cache is None else cache
+
+    def cached(key, load):
+        if key not in cache:
+            cache[key] = load()
+        return cache[key]
+
+    data = cached(("data", spec.data, spec.n_images, spec.seed),
+                  lambda: load_cifar10(spec.data, split="test").subset(spec.n_images, spec.seed))
+    classifier = cached(("classifier", spec.classifier), lambda: load_classifier(spec.classifier))
     defense_cls = DEFENSES.build(spec.defense)
-    diffusion = load_diffusion_model(spec.diffusion_model) if defense_cls.needs_diffusion else None
+    diffusion = (
+        cached(("diffusion", spec.diffusion_model), lambda: load_diffusion_model(spec.diffusion_model))
+        if defense_cls.needs_diffusion else None
+    )
     defense = build_defense(spec.defense, classifier, diffusion, spec.defense_overrides, spec.seed, spec.threat)
     target = attack_model(defense, spec.gradient)
     attack = build_attack(spec)

@@ -96,3 +96,8 @@ def test_run_refuses_an_unwritable_leaderboard_dir(tmp_path, capsys):
     blocker.write_text("x")
     assert main(["run", "--defense", "none", "--leaderboard-dir", str(blocker / "sub")]) == 2
     assert "cannot write" in capsys.readouterr().err
+
+
+def test_run_several_defenses_validates_all_before_running(capsys):
+    assert main(["run", "--defense", "none,hetpure,repaint-x"]) == 2
+    assert "unknown defense 'repaint-x'" in capsys.readouterr().err

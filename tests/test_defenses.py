@@ -100,25 +100,24 @@ def _replay_reference(x01, diffusion, t_start, stride, seed, draws_before):
         return ((ddim_sample(diffusion, S, x, timestep_grid(t_start, stride)) + 1) / 2).clamp(0, 1)
 
 
-def test_hetpure_with_all_ones_mask_is_ddim_from_t_l():
+@pytest.mark.parametrize(
+    "mask_value, t_start, draws_before",
+    [
+        # All ones: draw 0 is the forward noise to t_l; the blends' draws only touch the empty
+        # low-attention region, so this is DDIM from t_l = 40.
+        (1.0, 40, 0),
+        # All zeros: forward to t_l, then one blend draw at each stage-1 point 40, 30, 20; the
+        # last one (draw 3) starts what is then plain DDIM from t_s = 20.
+        (0.0, 20, 3),
+    ],
+)
+def test_hetpure_with_a_constant_mask_is_ddim_from_t_l_or_t_s(mask_value, t_start, draws_before):
     classifier, diffusion = tiny_models(dtype=torch.float64)
     defense = HeterogeneousPurifier(classifier, diffusion, HetPureConfig(t_l=40, t_s=20, stride=10, resample_steps=0), seed=3)
     x01 = _x(dtype=torch.float64)
     with torch.no_grad():
-        out = defense.purify_with_mask(x01, torch.ones(1, 1, 8, 8, dtype=torch.float64))
-    # Draw 0 is the forward noise to t_l; the blends' draws only touch the (empty) low region.
-    torch.testing.assert_close(out, _replay_reference(x01, diffusion, 40, 10, seed=3, draws_before=0))
-
-
-def test_hetpure_with_all_zeros_mask_is_ddim_from_t_s():
-    classifier, diffusion = tiny_models(dtype=torch.float64)
-    defense = HeterogeneousPurifier(classifier, diffusion, HetPureConfig(t_l=40, t_s=20, stride=10, resample_steps=0), seed=3)
-    x01 = _x(dtype=torch.float64)
-    with torch.no_grad():
-        out = defense.purify_with_mask(x01, torch.zeros(1, 1, 8, 8, dtype=torch.float64))
-    # Draws: forward to t_l, then one blend draw at each stage-1 point 40, 30, 20: the last one
-    # (draw 3) is the start of what is then plain DDIM from t_s = 20.
-    torch.testing.assert_close(out, _replay_reference(x01, diffusion, 20, 10, seed=3, draws_before=3))
+        out = defense.purify_with_mask(x01, torch.full((1, 1, 8, 8), mask_value, dtype=torch.float64))
+    torch.testing.assert_close(out, _replay_reference(x01, diffusion, t_start, 10, seed=3, draws_before=draws_before))
 
 
 def test_hetpure_mask_regions_follow_their_noise_levels():

@@ -26,6 +26,35 @@ def register_defense(cls: type[Defense], **info: Any) -> type[Defense]:
     return cls
 
 
+def make_variant(base: type[Defense], name: str, defaults: dict[str, Any]) -> type[Defense]:
+    """A defense that is ``base`` with other default settings (an ablation, say)."""
+
+    def config_class() -> Any:
+        return dataclasses.replace(base.config_class(), **defaults)
+
+    settings = ", ".join(f"{key}={value!r}" for key, value in defaults.items())
+    config_class.__name__ = f"{base.config_class.__name__}({settings})"
+    return type(base.__name__, (base,), {"name": name, "config_class": staticmethod(config_class)})
+
+
+# The paper's ablations and the RePaint-style purifier: hetpure's machinery, other defaults.
+HETPURE_VARIANTS = {
+    "hetpure-noresample": ({"resampling": "none"}, "hetpure ablation: no resampling"),
+    "hetpure-multistep": (
+        {"resampling": "multi", "resample_steps": 20},
+        "hetpure ablation: RePaint multi-step resampling (U = 20) instead of single-step",
+    ),
+    "hetpure-uniform-tl": ({"mask_mode": "ones"}, "hetpure ablation: uniform noise at t_l (mask all ones)"),
+    "hetpure-uniform-ts": ({"mask_mode": "zeros"}, "hetpure ablation: uniform noise at t_s (mask all zeros)"),
+    "hetpure-randmask": ({"mask_mode": "random"}, "hetpure ablation: random mask with the attention mask's area"),
+    "repaint": (
+        {"t_s": 1, "resampling": "multi", "resample_steps": 20},
+        "RePaint-style purification (Lugmayr et al., CVPR 2022): attention mask, known region "
+        "re-noised from the input at every step, multi-step resampling U = 20",
+    ),
+}
+
+
 register_defense(NoDefense, summary="the bare classifier (no purification)")
 register_defense(DiffPure, summary="DiffPure (Nie et al., ICML 2022): diffuse to t*, reverse process to 0")
 register_defense(GDMP, summary="GDMP (Wang et al., 2022): DDPM purification guided by SSIM or MSE to the input")
@@ -33,6 +62,8 @@ register_defense(
     HeterogeneousPurifier,
     summary="heterogeneous-noise purification (Pei et al., CVPR 2025): attention mask, two-stage DDIM, single-step resampling",
 )
+for _name, (_defaults, _summary) in HETPURE_VARIANTS.items():
+    register_defense(make_variant(HeterogeneousPurifier, _name, _defaults), summary=_summary)
 
 
 def load_entry_point_defenses() -> None:

@@ -7,6 +7,9 @@
    then single-step resampling: one draw from q(x_{t+U} | x_t), and ONE DDIM step from t + U
    to the next grid point (no extra network call).
 4. Stage 2, grid points t < t_s: plain DDIM on the whole image.
+
+The same machinery, configured differently, gives the paper's ablations (no resampling,
+RePaint's multi-step resampling, uniform noise, random masks) and the RePaint-style purifier.
 """
 
 from __future__ import annotations
@@ -18,71 +21,121 @@ from dataclasses import dataclass, field
 import torch
 
 from ..attention_mask import MaskConfig, attention_mask
+from ..diffusion.resampling import denoising_steps, jump_schedule
 from ..diffusion.sampling import NetworkCaller, sample_loop
 from ..diffusion.schedule import ddim_step, q_forward, q_sample, timestep_grid
 from ..errors import UserError
 from .base import Defense
 
 
+RESAMPLING = ("single", "multi", "none")
+MASK_MODES = ("attention", "ones", "zeros", "random")
+
+
 @dataclass(frozen=True)
 class HetPureConfig:
     """Reference CIFAR-10 defaults: t_l 200, t_s 100, stride 2 (100 calls), U 3, tau 0.9, p 2.
 
-    ``mask.hooks`` empty means: use the classifier's own hook specification.
+    resampling: "single" (one draw q(x_{t+U} | x_t), then one DDIM step from t + U), "multi"
+    (RePaint: after a stage-1 step, jump back ``jump_length`` grid steps and re-denoise, U times
+    per jump position) or "none". mask_mode: "attention" (the classifier-attention mask),
+    "ones" (uniform strong noise), "zeros" (uniform weak noise) or "random" (a random mask with
+    as many ones as the attention mask). ``mask.hooks`` empty means the classifier's own hooks.
     """
 
     t_l: int = 200
     t_s: int = 100
     stride: int = 2
+    resampling: str = "single"
     resample_steps: int = 3
+    jump_length: int = 1
+    mask_mode: str = "attention"
     mask: MaskConfig = field(default_factory=lambda: MaskConfig(hooks=()))
 
     def __post_init__(self):
         if not 0 < self.t_s <= self.t_l < 1000:
             raise UserError(f"hetpure needs 0 < t_s <= t_l < 1000, got t_s={self.t_s}, t_l={self.t_l}")
+        if self.resampling not in RESAMPLING:
+            raise UserError(f"hetpure resampling must be one of {', '.join(RESAMPLING)}, got {self.resampling!r}")
+        if self.mask_mode not in MASK_MODES:
+            raise UserError(f"hetpure mask_mode must be one of {', '.join(MASK_MODES)}, got {self.mask_mode!r}")
         if self.resample_steps < 0 or self.t_l + self.resample_steps > 999:
             raise UserError(f"hetpure resample_steps must be in 0..{999 - self.t_l}")
-        if self.stride < 1:
-            raise UserError("hetpure stride must be >= 1")
+        if self.stride < 1 or self.jump_length < 1:
+            raise UserError("hetpure stride and jump_length must be >= 1")
 
 
 class HeterogeneousPurifier(Defense):
     name = "hetpure"
     config_class = HetPureConfig
 
-    @property
-    def nfe(self) -> int:
-        """ceil(t_l / stride): one network call per grid step in both stages."""
-        return math.ceil(self.config.t_l / self.config.stride)
-
-    def surrogate(self, network_calls: int) -> Defense:
-        """The same defense on a coarser grid (the reference attacks stride 100: 2 calls)."""
-        return self.replace(stride=math.ceil(self.config.t_l / network_calls))
-
     def __init__(self, classifier, diffusion, config: HetPureConfig | None = None, seed: int = 0):
-        config = config if config is not None else HetPureConfig()
+        config = config if config is not None else self.config_class()
         hooks = getattr(classifier, "mask_hooks", ())
         if not config.mask.hooks and hooks:  # empty means: the classifier's own hook specification
             config = dataclasses.replace(config, mask=dataclasses.replace(config.mask, hooks=tuple(hooks)))
         super().__init__(classifier, diffusion, config, seed)
 
+    def _grid(self) -> list[int]:
+        return timestep_grid(self.config.t_l, self.config.stride)
+
+    def _schedule(self) -> tuple[list[int], int]:
+        """The grid positions visited and the number of network calls (closed form)."""
+        c, grid = self.config, self._grid()
+        n = len(grid) - 1
+        jumps = c.resample_steps if c.resampling == "multi" else 0
+        in_stage_1 = lambda position: grid[position] >= c.t_s  # noqa: E731 - a predicate as data
+        return jump_schedule(n, c.jump_length, jumps, in_stage_1), denoising_steps(n, c.jump_length, jumps, in_stage_1)
+
+    @property
+    def nfe(self) -> int:
+        """One call per denoising step: ceil(t_l / stride), plus U * jump_length per stage-1
+        jump position with multi-step resampling (single-step resampling adds no call)."""
+        return self._schedule()[1]
+
+    def surrogate(self, network_calls: int) -> Defense:
+        """The same defense on a coarser grid (the reference attacks stride 100: 2 calls)."""
+        return self.replace(stride=math.ceil(self.config.t_l / network_calls))
+
     def purify(self, x01: torch.Tensor) -> torch.Tensor:
-        mask = attention_mask(self.classifier, x01, self.config.mask)
-        return self.purify_with_mask(x01, mask)
+        return self.purify_with_mask(x01, self.mask(x01))
+
+    def mask(self, x01: torch.Tensor) -> torch.Tensor:
+        """The (B, 1, H, W) mask of the configured mask mode; 1 = strong noise."""
+        mode = self.config.mask_mode
+        shape = (x01.shape[0], 1, *x01.shape[-2:])
+        if mode == "ones":
+            return x01.new_ones(shape)
+        if mode == "zeros":
+            return x01.new_zeros(shape)
+        attention = attention_mask(self.classifier, x01, self.config.mask)
+        return attention if mode == "attention" else self._random_like(attention)
+
+    def _random_like(self, mask: torch.Tensor) -> torch.Tensor:
+        """Per image, the same number of ones as ``mask`` at uniformly random pixels."""
+        flat = mask.flatten(1)
+        scores = torch.rand(flat.shape, generator=self.generator(mask.device), device=mask.device, dtype=mask.dtype)
+        ranks = scores.argsort(1).argsort(1)
+        return (ranks < flat.sum(1, keepdim=True)).to(mask.dtype).view_as(mask)
 
     def purify_with_mask(self, x01: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Purify [0,1] images given a mask (B, 1, H, W) or broadcastable; returns [0,1] images."""
         c, schedule, g = self.config, self.schedule, self.generator(x01.device)
         x0 = x01 * 2 - 1
         eps_fn = NetworkCaller(self.diffusion)
+        single_u = c.resample_steps if c.resampling == "single" else 0
 
         def step(x, t, s):
+            if s > t:  # a multi-step resampling jump back up: re-noise, no network call
+                return q_forward(schedule, x, t, s, g)
             if t < c.t_s:  # stage 2
                 return ddim_step(schedule, x, t, s, eps_fn(x, t))
             x = x * mask + q_sample(schedule, x0, t, g) * (1 - mask)
-            if c.resample_steps:
-                x, t = q_forward(schedule, x, t, t + c.resample_steps, g), t + c.resample_steps
+            if single_u:
+                x, t = q_forward(schedule, x, t, t + single_u, g), t + single_u
             return ddim_step(schedule, x, t, s, eps_fn(x, t))
 
-        x = sample_loop(q_sample(schedule, x0, c.t_l, g), timestep_grid(c.t_l, c.stride), step)
+        grid = self._grid()
+        visited = [grid[position] for position in self._schedule()[0]]
+        x = sample_loop(q_sample(schedule, x0, c.t_l, g), visited, step)
         return ((x + 1) / 2).clamp(0, 1)
