@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..diffusion.sampling import NetworkCaller, sample_loop
-from ..diffusion.schedule import CLEAN, VPSchedule, q_sample, randn_like
+from ..diffusion.schedule import CLEAN, VPSchedule, ddpm_mean_variance, q_sample, randn_like
 from ..errors import UserError
 from ..ssim import ssim
 from .base import Defense
@@ -93,13 +93,8 @@ class GDMP(Defense):
 
     def _guided_step(self, x, t, target, eps_fn, g):
         c, schedule = self.config, self.schedule
-        beta, abar = schedule.beta(t).item(), schedule.alpha_bar(t).item()
-        abar_prev = schedule.alpha_bar(t - 1).item()
-        eps = eps_fn(x, t)
-        mean = (x - beta / math.sqrt(1 - abar) * eps) / math.sqrt(1 - beta)
-        # Posterior variance, clipped at t = 0 to its t = 1 value (DDPM's clipped log-variance),
-        # so the last step is still guided; the last step adds no noise.
-        var = beta * (1 - abar_prev) / (1 - abar) if t > 0 else self._posterior_variance(1)
+        # The clipped posterior variance keeps the last step (t = 0) guided; it adds no noise.
+        mean, var = ddpm_mean_variance(schedule, x, t, eps_fn(x, t), variance="clipped")
         noisy_target = q_sample(schedule, target, t, g)
         recording = torch.is_grad_enabled() and x.requires_grad
         with torch.enable_grad():
@@ -107,8 +102,4 @@ class GDMP(Defense):
             sim = similarity(c.similarity, x_in, noisy_target).sum()
             grad, = torch.autograd.grad(sim, x_in, create_graph=recording)
         mean = mean + var * guidance_scale(schedule, t, c.guide_scale, c.ptb) * grad
-        return mean + math.sqrt(var) * randn_like(x, g) if t > 0 else mean
-
-    def _posterior_variance(self, t: int) -> float:
-        s = self.schedule
-        return (s.beta(t) * (1 - s.alpha_bar(t - 1)) / (1 - s.alpha_bar(t))).item()
+        return mean + var.sqrt() * randn_like(x, g) if t > 0 else mean

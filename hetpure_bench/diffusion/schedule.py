@@ -118,6 +118,34 @@ def ddim_step(
     return abar_s.sqrt() * x0_hat + (1.0 - abar_s).sqrt() * eps
 
 
+def ddpm_mean_variance(
+    schedule: VPSchedule,
+    x_t: torch.Tensor,
+    t: int | torch.Tensor,
+    eps: torch.Tensor,
+    variance: str = "small",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance (broadcastable to x_t) of the ancestral step p(x_{t-1} | x_t).
+
+    mean = (x_t - beta_t / sqrt(1 - abar_t) * eps) / sqrt(1 - beta_t). ``variance`` is "small"
+    (posterior beta_tilde_t = beta_t (1 - abar_{t-1}) / (1 - abar_t), zero at t = 0), "large"
+    (beta_t, DDPM's other choice) or "clipped" ("small" with the t = 0 value replaced by the
+    t = 1 value: DDPM's clipped log-variance, which GDMP uses as its guidance weight).
+    """
+    t_tensor = torch.as_tensor(t, dtype=torch.long)
+    beta = schedule.beta(t_tensor)
+    abar_t = schedule.alpha_bar(t_tensor)
+    if variance in ("small", "clipped"):
+        t_var = t_tensor.clamp_min(1) if variance == "clipped" else t_tensor
+        var = schedule.beta(t_var) * (1.0 - schedule.alpha_bar(t_var - 1)) / (1.0 - schedule.alpha_bar(t_var))
+    elif variance == "large":
+        var = beta
+    else:
+        raise ValueError(f"variance must be 'small', 'large' or 'clipped', got {variance!r}")
+    mean = (x_t - _coef(beta / (1.0 - abar_t).sqrt(), x_t) * eps) / _coef((1.0 - beta).sqrt(), x_t)
+    return mean, _coef(var, x_t)
+
+
 def ddpm_step(
     schedule: VPSchedule,
     x_t: torch.Tensor,
@@ -126,24 +154,11 @@ def ddpm_step(
     generator: torch.Generator | None = None,
     variance: str = "small",
 ) -> torch.Tensor:
-    """One ancestral step x_t -> x_{t-1} ~ p(x_{t-1} | x_t) with eps-parameterised mean.
-
-    mean = (x_t - beta_t / sqrt(1 - abar_t) * eps) / sqrt(1 - beta_t). ``variance`` is "small"
-    (posterior beta_tilde_t = beta_t (1 - abar_{t-1}) / (1 - abar_t), zero at t = 0) or "large"
-    (beta_t, DDPM's other choice; still no noise on the last step t = 0).
-    """
-    t_tensor = torch.as_tensor(t, dtype=torch.long)
-    beta = schedule.beta(t_tensor)
-    abar_t = schedule.alpha_bar(t_tensor)
-    abar_prev = schedule.alpha_bar(t_tensor - 1)
-    if variance == "small":
-        var = beta * (1.0 - abar_prev) / (1.0 - abar_t)
-    elif variance == "large":
-        var = torch.where(t_tensor > 0, beta, torch.zeros_like(beta))
-    else:
-        raise ValueError(f"variance must be 'small' or 'large', got {variance!r}")
-    mean = (x_t - _coef(beta / (1.0 - abar_t).sqrt(), x_t) * eps) / _coef((1.0 - beta).sqrt(), x_t)
-    return mean + _coef(var.sqrt(), x_t) * randn_like(x_t, generator)
+    """One ancestral step x_t -> x_{t-1} ~ p(x_{t-1} | x_t) (see ``ddpm_mean_variance``); the last
+    step (t = 0) adds no noise whatever the variance choice."""
+    mean, var = ddpm_mean_variance(schedule, x_t, t, eps, variance)
+    not_last = _coef((torch.as_tensor(t, dtype=torch.long) > 0).double(), x_t)
+    return mean + not_last * var.sqrt() * randn_like(x_t, generator)
 
 
 def timestep_grid(t_start: int, stride: int) -> list[int]:
