@@ -3,7 +3,9 @@
 Per hooked block: attention map = sum over channels of |A|^p, bilinearly upsampled to the image
 size and normalised per image; the union over blocks is the pixel-wise max; the mask is 1 where
 the union reaches the threshold tau (or lies in the top-k percent): 1 = high attention = strong
-noise. The mask is detached, as in the reference code.
+noise. The mask is detached, as in the reference code; the mask-aware adaptive attack uses a
+straight-through relaxation instead (``temperature``): the same binary mask forward, the
+gradient of sigmoid((union - tau) / temperature) backward, so the attacker can move the mask.
 """
 
 from __future__ import annotations
@@ -51,8 +53,11 @@ class MaskConfig:
 
 
 @contextmanager
-def capture_attention(model: nn.Module, names: tuple[str, ...], p: float) -> Iterator[dict[str, torch.Tensor]]:
-    """Within the block, each forward pass stores sum_c |A|^p of the named modules' outputs.
+def capture_attention(
+    model: nn.Module, names: tuple[str, ...], p: float, detach: bool = True
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Within the block, each forward pass stores sum_c |A|^p of the named modules' outputs
+    (differentiable when ``detach`` is False).
 
     The hooks exist only inside the ``with`` block and are removed on exit, also after an
     exception (the reference code registered new hooks on every call and never removed them).
@@ -69,7 +74,9 @@ def capture_attention(model: nn.Module, names: tuple[str, ...], p: float) -> Ite
     def hook_for(name: str):
         def hook(_module, _inputs, output):
             # Reduced at once: some hooked ReLUs are in-place and their output may change later.
-            maps[name] = output.detach().abs().pow(p).sum(dim=1, keepdim=True)
+            # (The clone keeps autograd valid when the module's output is later changed in place.)
+            activation = output.detach() if detach else output.clone()
+            maps[name] = activation.abs().pow(p).sum(dim=1, keepdim=True)
 
         return hook
 
@@ -106,25 +113,41 @@ def union_map(maps: list[torch.Tensor], size: tuple[int, int], how: str) -> torc
     return torch.stack(upsampled).amax(0)
 
 
-def threshold_map(union: torch.Tensor, tau: float, top_percent: float | None) -> torch.Tensor:
-    """1 where the union reaches tau (or is among the top ``top_percent`` % of pixels), else 0."""
-    if top_percent is None:
-        return (union >= tau).to(union.dtype)
+def threshold_map(
+    union: torch.Tensor, tau: float, top_percent: float | None, temperature: float | None = None
+) -> torch.Tensor:
+    """1 where the union reaches tau (or is among the top ``top_percent`` % of pixels), else 0.
+
+    With a ``temperature``: the same values, with the straight-through gradient of
+    sigmoid((union - threshold) / temperature).
+    """
     flat = union.flatten(1)
-    keep = max(1, round(flat.shape[1] * top_percent / 100))
-    kth = flat.topk(keep, dim=1).values[:, -1:]
-    return (flat >= kth).to(union.dtype).view_as(union)
+    if top_percent is None:
+        threshold = torch.full_like(flat[:, :1], tau)
+    else:
+        keep = max(1, round(flat.shape[1] * top_percent / 100))
+        threshold = flat.detach().topk(keep, dim=1).values[:, -1:]
+    hard = (flat >= threshold).to(union.dtype)
+    if temperature is not None:
+        soft = torch.sigmoid((flat - threshold) / temperature)
+        hard = hard + (soft - soft.detach())  # exactly 0 forward: the same binary mask
+    return hard.view_as(union)
 
 
-@torch.no_grad()
-def attention_mask(classifier: nn.Module, x01: torch.Tensor, config: MaskConfig) -> torch.Tensor:
-    """The binary attention mask (B, 1, H, W) of [0,1] images ``x01``; 1 = high attention."""
-    inputs = x01
+def attention_mask(
+    classifier: nn.Module, x01: torch.Tensor, config: MaskConfig, temperature: float | None = None
+) -> torch.Tensor:
+    """The binary attention mask (B, 1, H, W) of [0,1] images ``x01``; 1 = high attention.
+
+    Detached unless a ``temperature`` asks for the straight-through relaxation.
+    """
+    differentiable = temperature is not None and torch.is_grad_enabled()
+    inputs = x01 if differentiable else x01.detach()
     if config.reference_input:
         mean = x01.new_tensor(_IMAGENET_MEAN).view(1, 3, 1, 1)
         std = x01.new_tensor(_IMAGENET_STD).view(1, 3, 1, 1)
-        inputs = (x01 * 2 - 1 - mean) / std
-    with capture_attention(classifier, config.hooks, config.p) as maps:
+        inputs = (inputs * 2 - 1 - mean) / std
+    with torch.set_grad_enabled(differentiable), capture_attention(classifier, config.hooks, config.p, detach=not differentiable) as maps:
         classifier(inputs)
-    union = union_map([maps[name] for name in config.hooks], tuple(x01.shape[-2:]), config.normalise)
-    return threshold_map(union, config.tau, config.top_percent)
+        union = union_map([maps[name] for name in config.hooks], tuple(x01.shape[-2:]), config.normalise)
+        return threshold_map(union, config.tau, config.top_percent, temperature if differentiable else None)

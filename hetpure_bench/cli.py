@@ -112,10 +112,10 @@ def cmd_eval_denoiser(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_setting(text: str) -> tuple[str, object]:
+def _parse_setting(text: str, option: str) -> tuple[str, object]:
     key, sep, value = text.partition("=")
     if not sep or not key:
-        raise UserError(f"--defense-arg needs KEY=VALUE, got {text!r}")
+        raise UserError(f"{option} needs KEY=VALUE, got {text!r}")
     try:
         return key, yaml.safe_load(value)
     except yaml.YAMLError:
@@ -130,14 +130,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     load_entry_point_defenses()
     names = DEFENSES.names() if args.defense == "all" else [n.strip() for n in args.defense.split(",") if n.strip()]
     attack = {k: v for k, v in {
-        "steps": args.steps, "step_size": args.step_size, "eot": args.eot, "random_start": args.random_start,
+        "name": args.attack, "steps": args.steps, "step_size": args.step_size, "eot": args.eot,
+        "random_start": args.random_start, "mask_aware": args.mask_aware,
     }.items() if v is not None}
+    attack.update(_parse_setting(s, "--attack-arg") for s in args.attack_arg)
+    sanity = {"images": args.sanity_images} if args.sanity_images is not None else None
     specs = [
         spec_from_preset(
             args.preset, name, classifier=args.classifier, diffusion_model=args.diffusion_model,
             data=args.data, n_images=args.n, seed=args.seed, threat=args.threat, eps=args.eps,
             gradient=args.gradient, evaluation=args.evaluation, batch_size=args.batch_size,
-            attack=attack, defense_overrides=dict(_parse_setting(s) for s in args.defense_arg),
+            attack=attack, defense_overrides=dict(_parse_setting(s, "--defense-arg") for s in args.defense_arg),
+            sanity=sanity,
         )
         for name in names
     ]
@@ -159,8 +163,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         print(
             f"clean {100 * row['clean_acc']:.1f}%  robust {100 * row['robust_acc']:.1f}%  "
-            f"NFE {row['nfe']}  wall {row['wall_s']:.1f} s"
+            f"NFE {row['nfe']}  wall {row['wall_s']:.1f} s  (sanity checks {row['sanity_wall_s']:.1f} s)"
         )
+        if row["robust_by_attack"] != "-":
+            print(f"per attack (robust %): {row['robust_by_attack']}")
+        if row["sanity"] not in ("ok", "not run"):
+            print(f"WARNING: {row['defense']}: sanity check {row['sanity']}", file=sys.stderr)
         print(f"leaderboard: {leaderboard_dir} ({len(table)} rows); per-image results: {runs}")
     return 0
 
@@ -196,12 +204,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--threat", choices=["Linf", "L2"])
     p.add_argument("--eps", help="attack budget, e.g. 8/255 (Linf) or 0.5 (L2)")
-    p.add_argument("--steps", type=int, help="PGD-EOT iterations")
-    p.add_argument("--step-size", type=float)
-    p.add_argument("--eot", type=int, help="EOT samples per iteration")
+    p.add_argument("--attack", help="pgd-eot, autoattack or torchattacks (default: the preset's); "
+                   "the preset's settings for that attack apply")
+    p.add_argument("--attack-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="attack setting, e.g. version=rand (autoattack) or attack=CW (torchattacks); repeatable")
+    p.add_argument("--steps", type=int, help="attack iterations")
+    p.add_argument("--step-size", type=float, help="PGD-EOT step size")
+    p.add_argument("--eot", type=int, help="EOT samples per iteration (PGD-EOT, AutoAttack)")
     p.add_argument("--random-start", action="store_true", default=None)
-    p.add_argument("--gradient", help="'full' or 'surrogate:K'")
-    p.add_argument("--evaluation", help="'single' or 'vote:m'")
+    p.add_argument("--mask-aware", type=float, nargs="?", const=0.05, metavar="TEMPERATURE",
+                   help="mask-aware adaptive attack on hetpure: differentiate a sigmoid relaxation of "
+                   "the attention mask (temperature, default 0.05)")
+    p.add_argument("--gradient", help="'full', 'surrogate:K' or 'bpda'")
+    p.add_argument("--evaluation", help="'single', 'vote:m' or 'worst:N'")
+    p.add_argument("--sanity-images", type=int, help="images for the sanity checks (0: skip them)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--defense-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="defense setting, e.g. t_l=150 or mask.tau=0.85 (repeatable)")

@@ -1,7 +1,9 @@
 """Evaluation modes: how a stochastic defense's prediction for one image is formed.
 
 - "single": one purification;
-- "vote:m": the majority label over m independent purifications (ties -> the lowest label).
+- "vote:m": the majority label over m independent purifications (ties -> the lowest label);
+- "worst:N": N independent purifications, and the image counts as misclassified if any of them
+  is (the reported label is the first wrong one).
 """
 
 from __future__ import annotations
@@ -11,15 +13,17 @@ from torch import nn
 
 from .errors import UserError
 
+MODES = ("single", "vote", "worst")
 
-def parse_evaluation_mode(mode: str) -> int:
-    """The number of purifications per prediction: 1 for "single", m for "vote:m"."""
+
+def parse_evaluation_mode(mode: str) -> tuple[str, int]:
+    """(kind, purifications per prediction): ("single", 1), ("vote", m) or ("worst", N)."""
     if mode == "single":
-        return 1
+        return "single", 1
     kind, _, arg = mode.partition(":")
-    if kind == "vote" and arg.isdigit() and int(arg) >= 1:
-        return int(arg)
-    raise UserError(f"unknown evaluation mode {mode!r}: use 'single' or 'vote:m'")
+    if kind in ("vote", "worst") and arg.isdigit() and int(arg) >= 1:
+        return kind, int(arg)
+    raise UserError(f"unknown evaluation mode {mode!r}: use 'single', 'vote:m' or 'worst:N'")
 
 
 def majority_vote(predictions: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -29,11 +33,23 @@ def majority_vote(predictions: torch.Tensor, num_classes: int) -> torch.Tensor:
     return counts.argmax(1)  # argmax returns the first maximal index
 
 
+def worst_case(predictions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(N, B) labels -> (B,): the true label if all N are right, else the first wrong label."""
+    wrong = predictions != labels
+    first_wrong = wrong.to(torch.uint8).argmax(0)  # index of the first True (0 if none)
+    chosen = predictions.gather(0, first_wrong.unsqueeze(0)).squeeze(0)
+    return torch.where(wrong.any(0), chosen, labels)
+
+
 @torch.no_grad()
-def predict(defense: nn.Module, x01: torch.Tensor, mode: str) -> torch.Tensor:
-    """Predicted labels (B,) of ``defense`` on [0,1] images under an evaluation mode."""
-    votes = parse_evaluation_mode(mode)
-    logits = [defense(x01) for _ in range(votes)]
-    if votes == 1:
-        return logits[0].argmax(1)
-    return majority_vote(torch.stack([l.argmax(1) for l in logits]), logits[0].shape[1])
+def predict(defense: nn.Module, x01: torch.Tensor, labels: torch.Tensor, mode: str) -> torch.Tensor:
+    """Predicted labels (B,) of ``defense`` on [0,1] images under an evaluation mode (the labels
+    are needed by worst-of-N only)."""
+    kind, passes = parse_evaluation_mode(mode)
+    logits = [defense(x01) for _ in range(passes)]
+    predictions = torch.stack([l.argmax(1) for l in logits])
+    if kind == "single":
+        return predictions[0]
+    if kind == "vote":
+        return majority_vote(predictions, logits[0].shape[1])
+    return worst_case(predictions, labels.to(predictions.device))

@@ -13,7 +13,7 @@ SETUP_COLUMNS = [
     "defense", "defense_config", "classifier", "diffusion_model", "data_source", "threat", "eps",
     "attack", "gradient_mode", "evaluation", "n_images", "seed",
 ]
-RESULT_COLUMNS = ["clean_acc", "robust_acc", "nfe", "wall_s"]
+RESULT_COLUMNS = ["clean_acc", "robust_acc", "robust_by_attack", "nfe", "wall_s", "sanity"]
 COLUMNS = SETUP_COLUMNS + RESULT_COLUMNS
 
 
@@ -26,7 +26,8 @@ def merge_row(directory: Path, row: dict) -> pd.DataFrame:
     csv_path = Path(directory) / f"{leaderboard_stem(row['data_source'], row['threat'])}.csv"
     new = pd.DataFrame([{column: row[column] for column in COLUMNS}])
     if csv_path.exists():
-        old = pd.read_csv(csv_path, dtype={c: str for c in SETUP_COLUMNS})
+        old = pd.read_csv(csv_path, dtype={c: str for c in SETUP_COLUMNS}, keep_default_na=False)
+        old = old.reindex(columns=COLUMNS, fill_value="not recorded")  # files from older versions
         key = new[SETUP_COLUMNS].astype(str).agg("|".join, axis=1).iloc[0]
         old = old[old[SETUP_COLUMNS].astype(str).agg("|".join, axis=1) != key]
         table = pd.concat([old, new.astype({c: str for c in SETUP_COLUMNS})], ignore_index=True)
@@ -46,7 +47,10 @@ def to_markdown(table: pd.DataFrame, title: str) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     note = (
         "Accuracies in %. Each row's setup is spelled out in its columns; rows with different "
-        "data, attack, gradient mode or evaluation mode are not comparable.\n\n"
+        "data, attack, gradient mode or evaluation mode are not comparable. robust_acc is the "
+        "per-image worst case over the attacks of a row (robust_by_attack lists each one's own). "
+        "A row whose sanity cell is not 'ok' failed a sanity check (gradient masking or a broken "
+        "evaluation is possible): do not trust its robust accuracy.\n\n"
     )
     return f"# Leaderboard: {title}\n\n{note}{header}" + "\n".join(lines) + "\n"
 

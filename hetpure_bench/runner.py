@@ -8,8 +8,8 @@ use a different seed, so the attacker never sees the evaluation noise.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import math
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -21,8 +21,10 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from .attacks import attack_label, build_attacks, mask_temperature
+from .attacks.base import Attack
 from .attacks.gradients import attack_model, parse_gradient_mode
-from .attacks.pgd_eot import NORMS, PGDEOT
+from .attacks.threat import check_threat, perturbation_size
 from .classifiers import CLASSIFIERS, load_classifier
 from .data import load_cifar10
 from .defenses import DEFENSES, build_defense, defense_config, load_entry_point_defenses
@@ -30,9 +32,7 @@ from .defenses.base import Defense
 from .diffusion.zoo import DIFFUSION_MODELS, load_diffusion_model
 from .errors import UserError
 from .evaluation import parse_evaluation_mode, predict
-
-ATTACKS = ("pgd-eot",)
-MAX_EPS = {"Linf": 1.0, "L2": math.sqrt(3 * 32 * 32)}
+from .sanity import SanityConfig, run_sanity_checks, summarise
 
 
 def parse_eps(value: Any) -> float:
@@ -61,6 +61,7 @@ class RunSpec:
     evaluation: str = "single"
     batch_size: int = 32
     defense_overrides: dict = field(default_factory=dict)
+    sanity: dict = field(default_factory=dict)
     preset: str = "smoke"
 
 
@@ -77,8 +78,13 @@ def spec_from_preset(preset: str, defense: str, **overrides: Any) -> RunSpec:
     settings = load_preset(preset)
     defense_overrides = dict((settings.pop("defenses", None) or {}).get(defense, {}))
     defense_overrides.update(overrides.pop("defense_overrides", None) or {})
-    attack = dict(settings.pop("attack", {}))
-    attack.update(overrides.pop("attack", None) or {})
+    # The preset names its attack and keeps settings per attack, so that choosing another
+    # attack on the command line picks up the preset's settings for that one.
+    per_attack = settings.pop("attacks", None) or {}
+    requested = dict(overrides.pop("attack", None) or {})
+    name = requested.pop("name", None) or settings.get("attack", "pgd-eot")
+    settings.pop("attack", None)
+    attack = {"name": name, **(per_attack.get(name) or {}), **requested}
     settings.update({k: v for k, v in overrides.items() if v is not None})
     settings["eps"] = parse_eps(settings.get("eps", 8 / 255))
     return RunSpec(defense=defense, attack=attack, defense_overrides=defense_overrides, preset=preset, **settings)
@@ -92,25 +98,26 @@ def validate(spec: RunSpec) -> None:
     CLASSIFIERS.get(spec.classifier)
     if defense_cls.needs_diffusion:
         DIFFUSION_MODELS.get(spec.diffusion_model)
-    if spec.threat not in NORMS:
-        raise UserError(f"unknown threat model {spec.threat!r}: choose Linf or L2")
-    if not 0 <= spec.eps <= MAX_EPS[spec.threat]:
-        raise UserError(f"eps {spec.eps:g} is out of range for {spec.threat}: 0 <= eps <= {MAX_EPS[spec.threat]:g}")
-    if spec.attack.get("name", "pgd-eot") not in ATTACKS:
-        raise UserError(f"unknown attack {spec.attack.get('name')!r} (known: {', '.join(ATTACKS)})")
+    check_threat(spec.threat, spec.eps)
     if spec.n_images < 1 or spec.batch_size < 1:
         raise UserError("n_images and batch_size must be >= 1")
     parse_gradient_mode(spec.gradient)
     parse_evaluation_mode(spec.evaluation)
-    build_attack(spec)
+    build_attacks(spec.attack, spec.threat, spec.eps, spec.seed)
+    if mask_temperature(spec.attack) is not None:
+        if spec.gradient == "bpda":
+            raise UserError("the mask-aware attack needs gradients through the purifier: use gradient 'full' or 'surrogate:K'")
+        config = defense_config(spec.defense, spec.defense_overrides, spec.threat)
+        if not hasattr(defense_cls, "with_mask_gradient") or config.mask_mode != "attention":
+            raise UserError(f"defense {spec.defense!r} has no attention mask for the mask-aware attack")
+    sanity_config(spec)
 
 
-def build_attack(spec: RunSpec) -> PGDEOT:
-    params = {k: v for k, v in spec.attack.items() if k != "name"}
+def sanity_config(spec: RunSpec) -> SanityConfig:
     try:
-        return PGDEOT(norm=spec.threat, eps=spec.eps, seed=spec.seed, **params)
+        return SanityConfig(**spec.sanity)
     except TypeError as exc:
-        raise UserError(f"bad attack setting: {exc}") from None
+        raise UserError(f"bad sanity setting: {exc}") from None
 
 
 def derived_seed(seed: int, index: int, purpose: str) -> int:
@@ -121,34 +128,44 @@ def derived_seed(seed: int, index: int, purpose: str) -> int:
 def attack_and_evaluate(
     defense: Defense,
     target: torch.nn.Module,
-    attack: PGDEOT,
+    attacks: list[Attack],
     images: torch.Tensor,
     labels: torch.Tensor,
     indices: torch.Tensor,
     spec: RunSpec,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Per-image clean and adversarial predictions of ``defense``; ``target`` is what the attack
-    differentiates (the defense itself, or its surrogate). An image is robust when both its clean
-    and its adversarial prediction are correct."""
+    """Per-image clean and adversarial predictions of ``defense``; ``target`` is what the attacks
+    differentiate (the defense itself, its surrogate, BPDA, ...). An image is robust when its
+    clean prediction and its prediction on every attack's example are correct (per-image worst
+    case over the attacks); ``adv_pred`` is the prediction on the first example that broke it."""
     records = []
     batches = range(0, len(labels), spec.batch_size)
     for start in tqdm(batches, desc=f"{spec.defense}: attack + evaluate", unit="batch", disable=not progress):
         x, y = images[start:start + spec.batch_size], labels[start:start + spec.batch_size]
         defense.reseed(derived_seed(spec.seed, start, "evaluate"))
-        clean = predict(defense, x, spec.evaluation)
-        for module in {defense, target}:
-            module.reseed(derived_seed(spec.seed, start, "attack"))
-        x_adv = attack.perturb(target, x, y, progress=progress)
-        defense.reseed(derived_seed(spec.seed, start, "evaluate"))
-        adversarial = predict(defense, x_adv, spec.evaluation)
+        clean = predict(defense, x, y, spec.evaluation)
+        adversarial = []
+        for attack in attacks:
+            for module in {defense, target}:
+                module.reseed(derived_seed(spec.seed, start, "attack"))
+            x_adv = attack.perturb(target, x, y, progress=progress)
+            if (perturbation_size(x_adv - x, attack.norm) > attack.eps * (1 + 1e-5) + 1e-7).any() or x_adv.min() < 0 or x_adv.max() > 1:
+                raise RuntimeError(f"{attack.name} left the {attack.norm} eps-ball or the [0,1] box")  # a bug, never a result
+            defense.reseed(derived_seed(spec.seed, start, "evaluate"))
+            adversarial.append(predict(defense, x_adv, y, spec.evaluation))
         for i in range(len(y)):
-            records.append({
+            survived = [bool(pred[i] == y[i]) for pred in adversarial]
+            broken = [pred[i] for pred in adversarial if pred[i] != y[i]]
+            record = {
                 "index": int(indices[start + i]), "label": int(y[i]),
-                "clean_pred": int(clean[i]), "adv_pred": int(adversarial[i]),
+                "clean_pred": int(clean[i]), "adv_pred": int(broken[0] if broken else adversarial[-1][i]),
                 "clean_correct": bool(clean[i] == y[i]),
-                "robust_correct": bool(clean[i] == y[i] and adversarial[i] == y[i]),
-            })
+                "robust_correct": bool(clean[i] == y[i] and all(survived)),
+            }
+            if len(attacks) > 1:
+                record.update({f"robust_correct_{k}": bool(clean[i] == y[i] and ok) for k, ok in enumerate(survived)})
+            records.append(record)
     return pd.DataFrame(records)
 
 
@@ -175,14 +192,18 @@ def run(spec: RunSpec, progress: bool = True, cache: dict | None = None) -> tupl
         if defense_cls.needs_diffusion else None
     )
     defense = build_defense(spec.defense, classifier, diffusion, spec.defense_overrides, spec.seed, spec.threat)
-    target = attack_model(defense, spec.gradient)
-    attack = build_attack(spec)
+    temperature = mask_temperature(spec.attack)
+    target = attack_model(defense, spec.gradient, temperature)
+    attacks = build_attacks(spec.attack, spec.threat, spec.eps, spec.seed)
+    images = data.as_float()
 
     started = time.perf_counter()
-    per_image = attack_and_evaluate(
-        defense, target, attack, data.as_float(), data.labels, data.index, spec, progress
-    )
+    per_image = attack_and_evaluate(defense, target, attacks, images, data.labels, data.index, spec, progress)
     wall = time.perf_counter() - started
+
+    started = time.perf_counter()
+    checks = sanity_checks(defense, target, attacks, classifier, images, data.labels, data.index, spec)
+    sanity_wall = time.perf_counter() - started
     row = {
         "defense": spec.defense,
         "defense_config": defense.describe() or "-",
@@ -191,15 +212,45 @@ def run(spec: RunSpec, progress: bool = True, cache: dict | None = None) -> tupl
         "data_source": data.source,
         "threat": spec.threat,
         "eps": f"{spec.eps:.6g}",
-        "attack": attack.name,
+        "attack": attack_label(attacks, temperature),
         "gradient_mode": spec.gradient,
         "evaluation": spec.evaluation,
         "n_images": len(per_image),
         "seed": spec.seed,
         "clean_acc": per_image["clean_correct"].mean(),
         "robust_acc": per_image["robust_correct"].mean(),
+        "robust_by_attack": robust_by_attack(per_image, attacks),
         "nfe": defense.nfe,
         "wall_s": round(wall, 1),
+        "sanity": summarise(checks) if checks else "not run",
+        "sanity_checks": [dataclasses.asdict(c) for c in checks],
+        "sanity_wall_s": round(sanity_wall, 1),
         "preset": spec.preset,
     }
     return row, per_image
+
+
+def robust_by_attack(per_image: pd.DataFrame, attacks: list[Attack]) -> str:
+    """Each attack's own robust accuracy (%) when a row has several ("-" otherwise); the row's
+    robust_acc is the per-image worst case, never above the minimum of these."""
+    if len(attacks) < 2:
+        return "-"
+    return "; ".join(f"{a.name} {100 * per_image[f'robust_correct_{k}'].mean():.1f}" for k, a in enumerate(attacks))
+
+
+def sanity_checks(defense, target, attacks, classifier, images, labels, indices, spec: RunSpec) -> list:
+    """The sanity checks on the first ``sanity.images`` images of the row (sanity.py)."""
+    config = sanity_config(spec)
+    n = min(config.images, len(labels))
+    if n == 0:
+        return []
+    x, y, index = images[:n], labels[:n], indices[:n]
+    slice_spec = dataclasses.replace(spec, batch_size=n)
+
+    def evaluate(attacks_, other_defense=None, other_target=None):
+        return attack_and_evaluate(
+            defense if other_defense is None else other_defense, target if other_target is None else other_target,
+            attacks_, x, y, index, slice_spec, progress=False,
+        )
+
+    return run_sanity_checks(evaluate, attacks, target, classifier, x, y, spec.threat, config)

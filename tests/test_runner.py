@@ -24,7 +24,7 @@ def test_eps_zero_gives_robust_equal_to_clean(evaluation):
     spec = RunSpec(defense="hetpure", eps=0.0, evaluation=evaluation, batch_size=4)
     attack = PGDEOT(eps=0.0, steps=2, eot=2)
     x, y, index = _data()
-    per_image = attack_and_evaluate(defense, defense, attack, x, y, index, spec, progress=False)
+    per_image = attack_and_evaluate(defense, defense, [attack], x, y, index, spec, progress=False)
     assert per_image["robust_correct"].tolist() == per_image["clean_correct"].tolist()
     assert (per_image["adv_pred"] == per_image["clean_pred"]).all()
 
@@ -36,13 +36,14 @@ def test_attack_lowers_accuracy_of_the_bare_classifier():
     with torch.no_grad():
         y = classifier(x).argmax(1)  # labels the classifier gets right
     spec = RunSpec(defense="none", eps=0.5, batch_size=8)
-    per_image = attack_and_evaluate(defense, defense, PGDEOT(eps=0.5, step_size=0.1, steps=20, eot=1), x, y, index, spec, progress=False)
+    per_image = attack_and_evaluate(defense, defense, [PGDEOT(eps=0.5, step_size=0.1, steps=20, eot=1)], x, y, index, spec, progress=False)
     assert per_image["clean_correct"].all()
     assert per_image["robust_correct"].mean() < 0.5
 
 
 def test_evaluation_modes():
-    assert parse_evaluation_mode("single") == 1 and parse_evaluation_mode("vote:20") == 20
+    assert parse_evaluation_mode("single") == ("single", 1) and parse_evaluation_mode("vote:20") == ("vote", 20)
+    assert parse_evaluation_mode("worst:5") == ("worst", 5)
     with pytest.raises(UserError):
         parse_evaluation_mode("worst")
     votes = torch.tensor([[1, 2, 3], [1, 3, 4], [2, 3, 4]])
@@ -59,7 +60,7 @@ def test_evaluation_modes():
             return logits
 
     model = Alternating()
-    assert predict(model, torch.zeros(2, 3, 8, 8), "vote:3").tolist() == [7, 7]
+    assert predict(model, torch.zeros(2, 3, 8, 8), torch.tensor([7, 1]), "vote:3").tolist() == [7, 7]
     assert model.calls == 3
 
 
@@ -92,6 +93,27 @@ def test_preset_defense_settings_and_cli_overrides():
     assert spec.n_images == 4 and spec.attack["steps"] == 3 and spec.attack["eot"] == 2
     assert spec.defense_overrides == {"stride": 20, "t_l": 100}
     assert spec.eps == pytest.approx(8 / 255)
+    other = spec_from_preset("smoke", "hetpure", attack={"name": "autoattack", "steps": 3})
+    assert other.attack == {"name": "autoattack", "version": "rand", "steps": 3, "eot": 2}  # the preset's autoattack settings
+
+
+def test_bad_attack_settings_are_refused_before_running():
+    with pytest.raises(UserError, match="unknown attack 'autoatack'; did you mean 'autoattack'"):
+        validate(spec_from_preset("smoke", "hetpure", attack={"name": "autoatack"}))
+    with pytest.raises(UserError, match="bad setting for attack 'autoattack'"):
+        validate(spec_from_preset("smoke", "hetpure", attack={"name": "autoattack", "step_size": 0.1}))
+    with pytest.raises(UserError, match="unknown AutoAttack version"):
+        validate(spec_from_preset("smoke", "hetpure", attack={"name": "autoattack", "version": "fast"}))
+    with pytest.raises(UserError, match="did you mean 'EOTPGD'"):
+        validate(spec_from_preset("smoke", "hetpure", attack={"name": "torchattacks", "attack": "EOTPDG"}))
+    with pytest.raises(UserError, match="no attention mask"):
+        validate(spec_from_preset("smoke", "diffpure", attack={"mask_aware": 0.05}))
+    with pytest.raises(UserError, match="needs gradients through the purifier"):
+        validate(spec_from_preset("smoke", "hetpure", attack={"mask_aware": 0.05}, gradient="bpda"))
+    with pytest.raises(UserError, match="mask_aware must be a temperature"):
+        validate(spec_from_preset("smoke", "hetpure", attack={"mask_aware": -1}))
+    with pytest.raises(UserError, match="bad sanity setting"):
+        validate(spec_from_preset("smoke", "hetpure", sanity={"slices": 3}))
 
 
 def _row(**changes):
@@ -99,7 +121,7 @@ def _row(**changes):
         "defense": "hetpure", "defense_config": "t_l=200", "classifier": "c", "diffusion_model": "d",
         "data_source": "cifar10-jpeg", "threat": "Linf", "eps": "0.0313725", "attack": "PGD-EOT",
         "gradient_mode": "full", "evaluation": "single", "n_images": 32, "seed": 0,
-        "clean_acc": 0.8, "robust_acc": 0.5, "nfe": 10, "wall_s": 12.0,
+        "clean_acc": 0.8, "robust_acc": 0.5, "robust_by_attack": "-", "nfe": 10, "wall_s": 12.0, "sanity": "ok",
     }
     row.update(changes)
     return row
@@ -115,6 +137,6 @@ def test_leaderboard_rerun_replaces_its_own_row(tmp_path):
     assert csv.loc[csv.defense == "hetpure", "robust_acc"].tolist() == [0.6]
     assert csv.defense.tolist() == ["hetpure", "none"]  # sorted by robust accuracy
     markdown = (tmp_path / "cifar10-jpeg-Linf.md").read_text()
-    assert "| hetpure | t_l=200 | c | d | cifar10-jpeg | Linf | 0.0313725 | PGD-EOT | full | single | 32 | 0 | 80.0 | 60.0 | 10 | 11.0 |" in markdown
+    assert "| hetpure | t_l=200 | c | d | cifar10-jpeg | Linf | 0.0313725 | PGD-EOT | full | single | 32 | 0 | 80.0 | 60.0 | - | 10 | 11.0 | ok |" in markdown
     merge_row(tmp_path, _row(seed=1))  # another seed is another setup
     assert len(pd.read_csv(tmp_path / "cifar10-jpeg-Linf.csv")) == 3

@@ -2,11 +2,15 @@
 
 - "full": the very defense that is evaluated, exactly (every network call checkpointed);
 - "surrogate:K": a K-network-call version of the defense (the reference's 2-call attacks);
-  rows attacked this way are labelled so.
+- "bpda": the defense's forward pass, identity backward through the purifier (Athalye et al.,
+  ICML 2018), so the gradient is the classifier's at the purified image.
+Rows attacked with anything but "full" are labelled so. The mask-aware option (for defenses
+with an attention mask) makes the mask differentiable before the mode is applied.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..defenses.base import Defense
@@ -15,14 +19,41 @@ from ..errors import UserError
 
 def parse_gradient_mode(mode: str) -> tuple[str, int | None]:
     kind, _, arg = mode.partition(":")
-    if kind == "full" and not arg:
-        return "full", None
+    if kind in ("full", "bpda") and not arg:
+        return kind, None
     if kind == "surrogate" and arg.isdigit() and int(arg) >= 1:
         return "surrogate", int(arg)
-    raise UserError(f"unknown gradient mode {mode!r}: use 'full' or 'surrogate:K' (K >= 1 network calls)")
+    raise UserError(f"unknown gradient mode {mode!r}: use 'full', 'surrogate:K' (K >= 1 network calls) or 'bpda'")
 
 
-def attack_model(defense: Defense, mode: str) -> nn.Module:
-    """The module whose gradient the attack follows."""
+class BPDA(nn.Module):
+    """Forward: exactly the defense's logits. Backward: the purifier counts as the identity."""
+
+    def __init__(self, defense: Defense):
+        super().__init__()
+        self.defense = defense
+
+    def reseed(self, seed: int) -> None:
+        self.defense.reseed(seed)
+
+    def forward(self, x01: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            purified = self.defense.purify(x01)
+        return self.defense.classifier(x01 + (purified - x01).detach())
+
+
+def attack_model(defense: Defense, mode: str, mask_temperature: float | None = None) -> nn.Module:
+    """The module whose gradient the attack follows (its forward may be cheaper than the
+    defense's for surrogates; robustness is always judged on the defense itself)."""
     kind, calls = parse_gradient_mode(mode)
-    return defense if kind == "full" else defense.surrogate(calls)
+    if mask_temperature is not None:
+        if kind == "bpda":
+            raise UserError("the mask-aware attack needs gradients through the purifier: use gradient 'full' or 'surrogate:K'")
+        if not hasattr(defense, "with_mask_gradient"):
+            raise UserError(f"defense {defense.name!r} has no attention mask for the mask-aware attack")
+        defense = defense.with_mask_gradient(mask_temperature)
+    if kind == "full":
+        return defense
+    if kind == "bpda":
+        return BPDA(defense)
+    return defense.surrogate(calls)

@@ -17,12 +17,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import UserError
-
-NORMS = ("Linf", "L2")
+from .base import Attack
+from .threat import NORMS, project
 
 
 @dataclass(frozen=True)
-class PGDEOT:
+class PGDEOT(Attack):
     norm: str = "Linf"
     eps: float = 8 / 255
     step_size: float = 0.007
@@ -46,16 +46,6 @@ class PGDEOT:
         logits = model(x.repeat(self.eot, 1, 1, 1))
         return F.cross_entropy(logits, y.repeat(self.eot), reduction="sum")
 
-    def project(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Back into the eps-ball around x and into [0, 1]."""
-        delta = x_adv - x
-        if self.norm == "Linf":
-            delta = delta.clamp(-self.eps, self.eps)
-        else:
-            norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
-            delta = delta * (self.eps / norms).clamp(max=1.0).view(-1, 1, 1, 1)
-        return (x + delta).clamp(0, 1)
-
     def ascent_step(self, grad: torch.Tensor) -> torch.Tensor:
         if self.norm == "Linf":
             return self.step_size * grad.sign()
@@ -76,9 +66,9 @@ class PGDEOT:
         x_adv = x.clone()
         if self.random_start and self.eps > 0:
             generator = torch.Generator(x.device).manual_seed(self.seed)
-            x_adv = self.project(x + self.random_delta(x, generator), x)
+            x_adv = project(x + self.random_delta(x, generator), x, self.norm, self.eps)
         for _ in tqdm(range(self.steps), desc="PGD-EOT", leave=False, disable=not progress):
             x_adv.requires_grad_(True)
             grad, = torch.autograd.grad(self.eot_loss(model, x_adv, y), x_adv)
-            x_adv = self.project(x_adv.detach() + self.ascent_step(grad), x)
+            x_adv = project(x_adv.detach() + self.ascent_step(grad), x, self.norm, self.eps)
         return x_adv.detach()

@@ -75,6 +75,23 @@ class HeterogeneousPurifier(Defense):
         if not config.mask.hooks and hooks:  # empty means: the classifier's own hook specification
             config = dataclasses.replace(config, mask=dataclasses.replace(config.mask, hooks=tuple(hooks)))
         super().__init__(classifier, diffusion, config, seed)
+        self.mask_temperature: float | None = None  # set only for the mask-aware attack
+
+    def with_mask_gradient(self, temperature: float) -> "HeterogeneousPurifier":
+        """The same defense with a straight-through differentiable mask (the mask-aware
+        adaptive attack differentiates this; the evaluated defense keeps the detached mask)."""
+        if self.config.mask_mode != "attention":
+            raise UserError(f"defense {self.name!r} uses mask_mode={self.config.mask_mode!r}: no attention mask to attack")
+        if not temperature > 0:
+            raise UserError(f"the mask temperature must be > 0, got {temperature}")
+        relaxed = self.replace()
+        relaxed.mask_temperature = float(temperature)
+        return relaxed
+
+    def replace(self, **changes) -> "HeterogeneousPurifier":
+        copy = super().replace(**changes)
+        copy.mask_temperature = self.mask_temperature
+        return copy
 
     def _grid(self) -> list[int]:
         return timestep_grid(self.config.t_l, self.config.stride)
@@ -108,7 +125,7 @@ class HeterogeneousPurifier(Defense):
             return x01.new_ones(shape)
         if mode == "zeros":
             return x01.new_zeros(shape)
-        attention = attention_mask(self.classifier, x01, self.config.mask)
+        attention = attention_mask(self.classifier, x01, self.config.mask, self.mask_temperature)
         return attention if mode == "attention" else self._random_like(attention)
 
     def _random_like(self, mask: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,124 @@
+"""Sanity checks run with every benchmark row, on a small slice of its images.
+
+Each guards against a way an evaluation fools itself (gradient masking, broken attacks,
+uncontrolled randomness):
+- eps-zero: with eps = 0 the robust accuracy equals the clean accuracy, image by image;
+- eps-monotone / steps-monotone: halving the budget or the iterations does not lower robust
+  accuracy by more than ``tolerance`` images (final-iterate attacks on stochastic defenses are
+  not exactly monotone, hence the slack);
+- gradients: the attacked module's input gradient is finite and non-zero for every image;
+- unbounded-defended / unbounded-undefended: PGD with eps covering the whole [0,1] box, through
+  the row's gradient path and against the bare classifier, leaves at most ``unbounded_accuracy``.
+A failed check flags the row; it never changes its numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attacks.base import Attack
+from .attacks.pgd_eot import PGDEOT
+from .attacks.threat import MAX_EPS
+from .defenses.base import NoDefense
+from .errors import UserError
+
+UNBOUNDED_STEP = {"Linf": 0.1, "L2": 4.0}
+
+
+@dataclass(frozen=True)
+class SanityConfig:
+    images: int = 8  # 0 turns the checks off (the row then says "not run")
+    tolerance: int = 1  # images by which a larger budget may raise robust accuracy
+    unbounded_steps: int = 10
+    unbounded_accuracy: float = 0.1
+
+    def __post_init__(self):
+        if self.images < 0 or self.tolerance < 0 or self.unbounded_steps < 1 or not 0 <= self.unbounded_accuracy <= 1:
+            raise UserError("sanity needs images >= 0, tolerance >= 0, unbounded_steps >= 1, 0 <= unbounded_accuracy <= 1")
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    passed: bool
+    detail: str
+
+
+def run_sanity_checks(
+    evaluate: Callable[[list[Attack], nn.Module | None, nn.Module | None], object],
+    attacks: list[Attack],
+    target: nn.Module,
+    classifier: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    norm: str,
+    config: SanityConfig,
+) -> list[CheckResult]:
+    """All checks on the slice (x, y). ``evaluate(attacks, defense=None, target=None)`` returns
+    per-image results of the row's defense (or another) under the row's evaluation mode."""
+    n = len(y)
+    robust = lambda frame: int(frame["robust_correct"].sum())  # noqa: E731
+    results = []
+
+    full = evaluate(attacks)
+    at_zero = evaluate([a.replace(eps=0.0, steps=1 if a.steps else a.steps) for a in attacks])
+    same = (at_zero["robust_correct"] == at_zero["clean_correct"]).all()
+    results.append(CheckResult(
+        "eps-zero", bool(same),
+        f"robust {robust(at_zero)}/{n} vs clean {int(at_zero['clean_correct'].sum())}/{n} at eps 0",
+    ))
+
+    half_eps = evaluate([a.replace(eps=a.eps / 2) for a in attacks])
+    results.append(_monotone("eps-monotone", robust(half_eps), robust(full), n, "eps/2", "eps", config.tolerance))
+
+    if all(a.steps and a.steps >= 2 for a in attacks):
+        half_steps = evaluate([a.replace(steps=a.steps // 2) for a in attacks])
+        results.append(_monotone("steps-monotone", robust(half_steps), robust(full), n, "steps/2", "steps", config.tolerance))
+
+    results.append(gradient_check(target, x, y))
+
+    unbounded = [PGDEOT(norm=norm, eps=MAX_EPS[norm], step_size=UNBOUNDED_STEP[norm], steps=config.unbounded_steps, eot=1)]
+    bare = NoDefense(classifier, None)
+    for name, frame in (
+        ("unbounded-defended", evaluate(unbounded)),
+        ("unbounded-undefended", evaluate(unbounded, bare, bare)),
+    ):
+        accuracy = robust(frame) / n
+        results.append(CheckResult(
+            name, accuracy <= config.unbounded_accuracy,
+            f"{robust(frame)}/{n} robust after {config.unbounded_steps}-step PGD with eps {MAX_EPS[norm]:g}",
+        ))
+    return results
+
+
+def _monotone(name: str, small: int, large: int, n: int, small_label: str, large_label: str, tolerance: int) -> CheckResult:
+    return CheckResult(
+        name, large <= small + tolerance,
+        f"robust {small}/{n} at {small_label}, {large}/{n} at {large_label} (tolerance {tolerance})",
+    )
+
+
+def gradient_check(target: nn.Module, x: torch.Tensor, y: torch.Tensor) -> CheckResult:
+    """The input gradient of the summed cross-entropy through ``target`` on [0,1] images."""
+    x = x.detach().clone().requires_grad_(True)
+    grad, = torch.autograd.grad(F.cross_entropy(target(x), y, reduction="sum"), x)
+    finite = bool(torch.isfinite(grad).all())
+    norms = grad.flatten(1).norm(dim=1)
+    zero = int((norms == 0).sum())
+    return CheckResult(
+        "gradients", finite and zero == 0,
+        f"{'finite' if finite else 'NOT finite'}, {zero}/{len(y)} images with zero gradient",
+    )
+
+
+def summarise(results: list[CheckResult]) -> str:
+    """The leaderboard's sanity cell: "ok", or the failed checks with their details."""
+    failed = [r for r in results if not r.passed]
+    if not failed:
+        return "ok"
+    return "FAILED: " + "; ".join(f"{r.name} ({r.detail})" for r in failed)

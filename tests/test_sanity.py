@@ -1,0 +1,89 @@
+"""Each sanity check passes on an honest setup and fails on a defense built to fool it."""
+
+import torch
+
+from hetpure_bench.attacks.pgd_eot import PGDEOT
+from hetpure_bench.defenses.base import NoDefense
+from hetpure_bench.runner import RunSpec, sanity_checks
+from hetpure_bench.sanity import summarise
+from linear_models import FixedDefense, linear_problem
+
+EPS = 0.04
+
+
+def _checks(defense, classifier, x, y, attack, **sanity):
+    spec = RunSpec(defense="test", eps=attack.eps, batch_size=len(y), sanity={"images": len(y), **sanity})
+    results = sanity_checks(defense, defense, [attack], classifier, x, y, torch.arange(len(y)), spec)
+    return {r.name: r for r in results}
+
+
+def test_an_honest_setup_passes_every_check():
+    model, x, y = linear_problem(n=8)
+    checks = _checks(NoDefense(model, None), model, x, y, PGDEOT(eps=EPS, step_size=0.01, steps=8, eot=1))
+    assert set(checks) == {"eps-zero", "eps-monotone", "steps-monotone", "gradients", "unbounded-defended", "unbounded-undefended"}
+    assert all(c.passed for c in checks.values()), summarise(list(checks.values()))
+    assert summarise(list(checks.values())) == "ok"
+
+
+class Quantising(FixedDefense):
+    """Rounds inputs to 4 grey levels: zero gradient almost everywhere (shattered gradients)."""
+
+    def purify(self, x01):
+        return torch.round(x01 * 3) / 3
+
+
+def test_zero_gradients_fail_the_gradient_and_unbounded_checks():
+    model, x, y = linear_problem(n=8)
+    with torch.no_grad():
+        y = model(torch.round(x * 3) / 3).argmax(1)  # labels the quantised model gets right
+    checks = _checks(Quantising(model, None), model, x, y, PGDEOT(eps=EPS, step_size=0.01, steps=4, eot=1))
+    assert not checks["gradients"].passed and "8/8 images with zero gradient" in checks["gradients"].detail
+    assert not checks["unbounded-defended"].passed  # PGD cannot move: sign(0) = 0
+    assert checks["unbounded-undefended"].passed  # the bare classifier is fine
+    assert summarise(list(checks.values())).startswith("FAILED: gradients")
+
+
+class SnapsBackWhenFar(FixedDefense):
+    """Passes the input through near the clean images but maps anything farther than ``radius``
+    (Linf) back to its clean image: a bigger budget or more iterations make the attack fail."""
+
+    def __init__(self, classifier, clean, radius):
+        super().__init__(classifier, None)
+        self.clean, self.radius = clean, radius
+
+    def purify(self, x01):
+        far = (x01 - self.clean).flatten(1).abs().amax(1) > self.radius
+        return torch.where(far.view(-1, 1, 1, 1), self.clean, x01)
+
+
+def test_a_budget_dependent_defense_fails_both_monotonicity_checks():
+    model, _, _ = linear_problem(classes=2)
+    d = model.weight[0] - model.weight[1]
+    model.bias.data = -0.5 * model.weight.sum(1)  # the all-0.5 image lies on the boundary
+    # Class-0 images at Linf distance 0.005..0.015 from the boundary: all breakable within
+    # eps/2 = 0.02; 4 steps of 0.01 reach 0.04 > radius 0.03, where the defense snaps back.
+    x = 0.5 + torch.linspace(0.005, 0.015, 4).view(-1, 1, 1, 1) * d.sign().view(1, 3, 4, 4)
+    y = torch.zeros(4, dtype=torch.long)
+    defense = SnapsBackWhenFar(model, x, radius=0.03)
+    checks = _checks(defense, model, x, y, PGDEOT(eps=EPS, step_size=0.01, steps=4, eot=1), tolerance=0)
+    assert not checks["eps-monotone"].passed, checks["eps-monotone"].detail
+    assert not checks["steps-monotone"].passed, checks["steps-monotone"].detail
+    assert checks["eps-zero"].passed
+
+
+class GlobalNoise(FixedDefense):
+    """Randomised with the global RNG instead of its own generator: clean and eps = 0
+    evaluations see different noise, and the attack sees yet another."""
+
+    def forward(self, x01):
+        return self.classifier(x01) + 30 * torch.randn(x01.shape[0], 2)
+
+    def purify(self, x01):
+        return x01
+
+
+def test_uncontrolled_randomness_fails_the_eps_zero_check():
+    torch.manual_seed(0)
+    model, x, y = linear_problem(n=16, classes=2)
+    checks = _checks(GlobalNoise(model, None), model, x, y, PGDEOT(eps=EPS, step_size=0.01, steps=2, eot=1))
+    assert not checks["eps-zero"].passed, checks["eps-zero"].detail
