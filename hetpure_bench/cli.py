@@ -124,7 +124,6 @@ def _parse_setting(text: str, option: str) -> tuple[str, object]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .defenses import DEFENSES, load_entry_point_defenses
-    from .leaderboard import merge_row
     from .runner import run, spec_from_preset, validate
 
     load_entry_point_defenses()
@@ -151,26 +150,33 @@ def cmd_run(args: argparse.Namespace) -> int:
     _check_writable(leaderboard_dir)
     cache: dict = {}
     for spec in specs:
-        row, per_image = run(spec, cache=cache)
-        table = merge_row(leaderboard_dir, row)
-        runs = Path(args.runs_dir) / f"{row['defense']}-{row['data_source']}-{row['threat']}-seed{row['seed']}"
-        write_text_atomic(runs / "per_image.csv", per_image.to_csv(index=False))
-        write_text_atomic(runs / "row.json", json.dumps(row, indent=2, default=str) + "\n")
-        print(
-            f"{row['defense']} [{row['defense_config']}] | {row['classifier']} + {row['diffusion_model']} | "
-            f"{row['data_source']}, {row['n_images']} images, seed {row['seed']} | {row['attack']}, "
-            f"{row['threat']} eps {row['eps']}, gradient {row['gradient_mode']} | evaluation {row['evaluation']}"
-        )
-        print(
-            f"clean {100 * row['clean_acc']:.1f}%  robust {100 * row['robust_acc']:.1f}%  "
-            f"NFE {row['nfe']}  wall {row['wall_s']:.1f} s  (sanity checks {row['sanity_wall_s']:.1f} s)"
-        )
-        if row["robust_by_attack"] != "-":
-            print(f"per attack (robust %): {row['robust_by_attack']}")
-        if row["sanity"] not in ("ok", "not run"):
-            print(f"WARNING: {row['defense']}: sanity check {row['sanity']}", file=sys.stderr)
-        print(f"leaderboard: {leaderboard_dir} ({len(table)} rows); per-image results: {runs}")
+        for row, per_image in run(spec, cache=cache):
+            _report(row, per_image, leaderboard_dir, Path(args.runs_dir))
     return 0
+
+
+def _report(row: dict, per_image, leaderboard_dir: Path, runs_dir: Path) -> None:
+    from .leaderboard import merge_row
+
+    table = merge_row(leaderboard_dir, row)
+    mode = row["evaluation"].replace(":", "")
+    runs = runs_dir / f"{row['defense']}-{row['data_source']}-{row['threat']}-seed{row['seed']}-{mode}"
+    write_text_atomic(runs / "per_image.csv", per_image.to_csv(index=False))
+    write_text_atomic(runs / "row.json", json.dumps(row, indent=2, default=str) + "\n")
+    print(
+        f"{row['defense']} [{row['defense_config']}] | {row['classifier']} + {row['diffusion_model']} | "
+        f"{row['data_source']}, {row['n_images']} images, seed {row['seed']} | {row['attack']}, "
+        f"{row['threat']} eps {row['eps']}, gradient {row['gradient_mode']} | evaluation {row['evaluation']}"
+    )
+    print(
+        f"clean {100 * row['clean_acc']:.1f}%  robust {100 * row['robust_acc']:.1f}%  "
+        f"NFE {row['nfe']}  wall {row['wall_s']:.1f} s  (sanity checks {row['sanity_wall_s']:.1f} s)"
+    )
+    if row["robust_by_attack"] != "-":
+        print(f"per attack (robust %): {row['robust_by_attack']}")
+    if row["sanity"] not in ("ok", "not run"):
+        print(f"WARNING: {row['defense']}: sanity check {row['sanity']}", file=sys.stderr)
+    print(f"leaderboard: {leaderboard_dir} ({len(table)} rows); per-image results: {runs}")
 
 
 def _check_writable(directory: Path) -> None:
@@ -216,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mask-aware adaptive attack on hetpure: differentiate a sigmoid relaxation of "
                    "the attention mask (temperature, default 0.05)")
     p.add_argument("--gradient", help="'full', 'surrogate:K' or 'bpda'")
-    p.add_argument("--evaluation", help="'single', 'vote:m' or 'worst:N'")
+    p.add_argument("--evaluation", help="'single', 'vote:m' or 'worst:N', or several separated by commas "
+                   "(one attack, one row per mode)")
     p.add_argument("--sanity-images", type=int, help="images for the sanity checks (0: skip them)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--defense-arg", action="append", default=[], metavar="KEY=VALUE",

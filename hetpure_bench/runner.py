@@ -102,7 +102,7 @@ def validate(spec: RunSpec) -> None:
     if spec.n_images < 1 or spec.batch_size < 1:
         raise UserError("n_images and batch_size must be >= 1")
     parse_gradient_mode(spec.gradient)
-    parse_evaluation_mode(spec.evaluation)
+    evaluation_modes(spec)
     build_attacks(spec.attack, spec.threat, spec.eps, spec.seed)
     if mask_temperature(spec.attack) is not None:
         if spec.gradient == "bpda":
@@ -135,42 +135,87 @@ def attack_and_evaluate(
     spec: RunSpec,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Per-image clean and adversarial predictions of ``defense``; ``target`` is what the attacks
-    differentiate (the defense itself, its surrogate, BPDA, ...). An image is robust when its
-    clean prediction and its prediction on every attack's example are correct (per-image worst
-    case over the attacks); ``adv_pred`` is the prediction on the first example that broke it."""
-    records = []
+    """Per-image results of ``defense`` under the spec's one evaluation mode (see evaluate_modes)."""
+    frames, _ = evaluate_modes(defense, target, attacks, images, labels, indices, spec, [spec.evaluation], progress)
+    return frames[spec.evaluation]
+
+
+def evaluate_modes(
+    defense: Defense,
+    target: torch.nn.Module,
+    attacks: list[Attack],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    indices: torch.Tensor,
+    spec: RunSpec,
+    modes: list[str],
+    progress: bool = True,
+) -> tuple[dict[str, pd.DataFrame], dict[str, float]]:
+    """Attack once, then judge the same adversarial examples under each evaluation mode.
+
+    Per mode, per image: clean and adversarial predictions of ``defense``; ``target`` is what
+    the attacks differentiate (the defense itself, its surrogate, BPDA, ...). An image is robust
+    when its clean prediction and its prediction on every attack's example are correct (per-image
+    worst case over the attacks); ``adv_pred`` is the prediction on the first example that broke
+    it. Also returns the seconds spent attacking ("attack") and evaluating (per mode).
+    """
+    records: dict[str, list] = {mode: [] for mode in modes}
+    seconds = dict.fromkeys(["attack", *modes], 0.0)
     batches = range(0, len(labels), spec.batch_size)
     for start in tqdm(batches, desc=f"{spec.defense}: attack + evaluate", unit="batch", disable=not progress):
         x, y = images[start:start + spec.batch_size], labels[start:start + spec.batch_size]
-        defense.reseed(derived_seed(spec.seed, start, "evaluate"))
-        clean = predict(defense, x, y, spec.evaluation)
-        adversarial = []
+        started = time.perf_counter()
+        examples = []
         for attack in attacks:
             for module in {defense, target}:
                 module.reseed(derived_seed(spec.seed, start, "attack"))
             x_adv = attack.perturb(target, x, y, progress=progress)
             if (perturbation_size(x_adv - x, attack.norm) > attack.eps * (1 + 1e-5) + 1e-7).any() or x_adv.min() < 0 or x_adv.max() > 1:
                 raise RuntimeError(f"{attack.name} left the {attack.norm} eps-ball or the [0,1] box")  # a bug, never a result
-            defense.reseed(derived_seed(spec.seed, start, "evaluate"))
-            adversarial.append(predict(defense, x_adv, y, spec.evaluation))
-        for i in range(len(y)):
-            survived = [bool(pred[i] == y[i]) for pred in adversarial]
-            broken = [pred[i] for pred in adversarial if pred[i] != y[i]]
-            record = {
-                "index": int(indices[start + i]), "label": int(y[i]),
-                "clean_pred": int(clean[i]), "adv_pred": int(broken[0] if broken else adversarial[-1][i]),
-                "clean_correct": bool(clean[i] == y[i]),
-                "robust_correct": bool(clean[i] == y[i] and all(survived)),
-            }
-            if len(attacks) > 1:
-                record.update({f"robust_correct_{k}": bool(clean[i] == y[i] and ok) for k, ok in enumerate(survived)})
-            records.append(record)
-    return pd.DataFrame(records)
+            examples.append(x_adv)
+        seconds["attack"] += time.perf_counter() - started
+        for mode in modes:
+            started = time.perf_counter()
+            # Common random numbers: the clean and every adversarial evaluation share their seed.
+            predictions = []
+            for inputs in [x, *examples]:
+                defense.reseed(derived_seed(spec.seed, start, "evaluate"))
+                predictions.append(predict(defense, inputs, y, mode))
+            records[mode].extend(_records(predictions[0], predictions[1:], y, indices[start:start + len(y)]))
+            seconds[mode] += time.perf_counter() - started
+    return {mode: pd.DataFrame(rows) for mode, rows in records.items()}, seconds
 
 
-def run(spec: RunSpec, progress: bool = True, cache: dict | None = None) -> tuple[dict, pd.DataFrame]:
-    """Run one benchmark row; returns the row and the per-image results.
+def _records(clean: torch.Tensor, adversarial: list[torch.Tensor], y: torch.Tensor, indices: torch.Tensor) -> list[dict]:
+    records = []
+    for i in range(len(y)):
+        survived = [bool(pred[i] == y[i]) for pred in adversarial]
+        broken = [pred[i] for pred in adversarial if pred[i] != y[i]]
+        record = {
+            "index": int(indices[i]), "label": int(y[i]),
+            "clean_pred": int(clean[i]), "adv_pred": int(broken[0] if broken else adversarial[-1][i]),
+            "clean_correct": bool(clean[i] == y[i]),
+            "robust_correct": bool(clean[i] == y[i] and all(survived)),
+        }
+        if len(adversarial) > 1:
+            record.update({f"robust_correct_{k}": bool(clean[i] == y[i] and ok) for k, ok in enumerate(survived)})
+        records.append(record)
+    return records
+
+
+def evaluation_modes(spec: RunSpec) -> list[str]:
+    """The row's evaluation modes: one, or several separated by commas ("single,worst:5"),
+    which then judge the same adversarial examples and give one row each."""
+    modes = [m.strip() for m in str(spec.evaluation).split(",") if m.strip()]
+    for mode in modes:
+        parse_evaluation_mode(mode)
+    if not modes or len(set(modes)) != len(modes):
+        raise UserError(f"evaluation {spec.evaluation!r} must name each mode once")
+    return modes
+
+
+def run(spec: RunSpec, progress: bool = True, cache: dict | None = None) -> list[tuple[dict, pd.DataFrame]]:
+    """Run one benchmark setup; returns (row, per-image results) per evaluation mode.
 
     ``cache`` (a dict kept by the caller) shares loaded data and networks between the rows of
     one invocation.
@@ -195,39 +240,49 @@ def run(spec: RunSpec, progress: bool = True, cache: dict | None = None) -> tupl
     temperature = mask_temperature(spec.attack)
     target = attack_model(defense, spec.gradient, temperature)
     attacks = build_attacks(spec.attack, spec.threat, spec.eps, spec.seed)
-    images = data.as_float()
+    images, modes = data.as_float(), evaluation_modes(spec)
 
+    frames, seconds = evaluate_modes(defense, target, attacks, images, data.labels, data.index, spec, modes, progress)
     started = time.perf_counter()
-    per_image = attack_and_evaluate(defense, target, attacks, images, data.labels, data.index, spec, progress)
-    wall = time.perf_counter() - started
-
-    started = time.perf_counter()
-    checks = sanity_checks(defense, target, attacks, classifier, images, data.labels, data.index, spec)
+    checks = sanity_checks(defense, target, attacks, classifier, images, data.labels, data.index, spec, frames)
     sanity_wall = time.perf_counter() - started
-    row = {
-        "defense": spec.defense,
-        "defense_config": defense.describe() or "-",
-        "classifier": spec.classifier,
-        "diffusion_model": spec.diffusion_model if diffusion is not None else "-",
-        "data_source": data.source,
-        "threat": spec.threat,
-        "eps": f"{spec.eps:.6g}",
-        "attack": attack_label(attacks, temperature),
-        "gradient_mode": spec.gradient,
-        "evaluation": spec.evaluation,
-        "n_images": len(per_image),
-        "seed": spec.seed,
-        "clean_acc": per_image["clean_correct"].mean(),
-        "robust_acc": per_image["robust_correct"].mean(),
-        "robust_by_attack": robust_by_attack(per_image, attacks),
-        "nfe": defense.nfe,
-        "wall_s": round(wall, 1),
-        "sanity": summarise(checks) if checks else "not run",
-        "sanity_checks": [dataclasses.asdict(c) for c in checks],
-        "sanity_wall_s": round(sanity_wall, 1),
-        "preset": spec.preset,
-    }
-    return row, per_image
+    results = []
+    for mode in modes:
+        per_image = frames[mode]
+        row = {
+            "defense": spec.defense,
+            "defense_config": defense.describe() or "-",
+            "classifier": spec.classifier,
+            "diffusion_model": diffusion_label(spec.diffusion_model, diffusion),
+            "data_source": data.source,
+            "threat": spec.threat,
+            "eps": f"{spec.eps:.6g}",
+            "attack": attack_label(attacks, temperature),
+            "gradient_mode": spec.gradient,
+            "evaluation": mode,
+            "n_images": len(per_image),
+            "seed": spec.seed,
+            "clean_acc": per_image["clean_correct"].mean(),
+            "robust_acc": per_image["robust_correct"].mean(),
+            "robust_by_attack": robust_by_attack(per_image, attacks),
+            "nfe": defense.nfe,
+            # What this row would cost alone: the (shared) attack plus its own evaluation.
+            "wall_s": round(seconds["attack"] + seconds[mode], 1),
+            "sanity": summarise(checks[mode]) if checks[mode] else "not run",
+            "sanity_checks": [dataclasses.asdict(c) for c in checks[mode]],
+            "sanity_wall_s": round(sanity_wall, 1),
+            "preset": spec.preset,
+        }
+        results.append((row, per_image))
+    return results
+
+
+def diffusion_label(name: str, diffusion) -> str:
+    """The model name, with its training step when its weights say (the embedded denoiser)."""
+    if diffusion is None:
+        return "-"
+    steps = (getattr(diffusion, "metadata", None) or {}).get("steps")
+    return f"{name}@{steps}" if steps else name
 
 
 def robust_by_attack(per_image: pd.DataFrame, attacks: list[Attack]) -> str:
@@ -238,19 +293,31 @@ def robust_by_attack(per_image: pd.DataFrame, attacks: list[Attack]) -> str:
     return "; ".join(f"{a.name} {100 * per_image[f'robust_correct_{k}'].mean():.1f}" for k, a in enumerate(attacks))
 
 
-def sanity_checks(defense, target, attacks, classifier, images, labels, indices, spec: RunSpec) -> list:
-    """The sanity checks on the first ``sanity.images`` images of the row (sanity.py)."""
-    config = sanity_config(spec)
+def sanity_checks(
+    defense, target, attacks, classifier, images, labels, indices, spec: RunSpec, frames: dict[str, pd.DataFrame]
+) -> dict[str, list]:
+    """Per evaluation mode, the sanity checks on the first ``sanity.images`` images of the row
+    (sanity.py); the row's own results (``frames``) are the full-budget reference."""
+    config, modes = sanity_config(spec), list(frames)
     n = min(config.images, len(labels))
     if n == 0:
-        return []
+        return {mode: [] for mode in modes}
     x, y, index = images[:n], labels[:n], indices[:n]
     slice_spec = dataclasses.replace(spec, batch_size=n)
+    memo: dict = {}
 
-    def evaluate(attacks_, other_defense=None, other_target=None):
-        return attack_and_evaluate(
-            defense if other_defense is None else other_defense, target if other_target is None else other_target,
-            attacks_, x, y, index, slice_spec, progress=False,
-        )
+    def evaluate_all(attacks_, other_defense=None, other_target=None):
+        key = (tuple(attacks_), type(other_defense).__name__, type(other_target).__name__)
+        if key not in memo:  # every mode judges the same examples: attack once
+            memo[key] = evaluate_modes(
+                defense if other_defense is None else other_defense, target if other_target is None else other_target,
+                attacks_, x, y, index, slice_spec, modes, progress=False,
+            )[0]
+        return memo[key]
 
-    return run_sanity_checks(evaluate, attacks, target, classifier, x, y, spec.threat, config)
+    checks = {}
+    for mode in modes:
+        full = frames[mode].iloc[:n].reset_index(drop=True)
+        evaluate = lambda attacks_, d=None, t=None, mode=mode: evaluate_all(attacks_, d, t)[mode]  # noqa: E731
+        checks[mode] = run_sanity_checks(evaluate, full, attacks, target, classifier, x, y, spec.threat, config)
+    return checks

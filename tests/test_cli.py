@@ -63,13 +63,14 @@ def test_train_denoiser_command_trains_resumes_and_exports(tmp_path, capsys):
 def test_run_command_writes_leaderboard_and_per_image_results(tmp_path, shared_jpeg, capsys):
     common = ["--data", str(shared_jpeg), "-n", "2", "--steps", "1", "--eot", "1", "--batch-size", "2",
               "--leaderboard-dir", str(tmp_path / "lb"), "--runs-dir", str(tmp_path / "runs")]
-    assert main(["run", "--defense", "hetpure", "--defense-arg", "stride=100"] + common) == 0
+    assert main(["run", "--defense", "hetpure", "--defense-arg", "stride=100", "--evaluation", "single,worst:2"] + common) == 0
     assert main(["run", "--defense", "none"] + common) == 0
     out = capsys.readouterr().out
     assert "hetpure [t_l=200 t_s=100 stride=100" in out and "NFE 2" in out
     csv = (tmp_path / "lb" / "cifar10-jpeg-Linf.csv").read_text()
-    assert csv.count("\n") == 3 and "resnet18-pyautoattack" in csv and "PGD-EOT(Linf, 1 steps, EOT 1)" in csv
-    per_image = (tmp_path / "runs" / "hetpure-cifar10-jpeg-Linf-seed0" / "per_image.csv").read_text()
+    assert csv.count("\n") == 4 and "resnet18-pyautoattack" in csv and "PGD-EOT(Linf, 1 steps, EOT 1)" in csv
+    assert ",single," in csv and ",worst:2," in csv  # one attack, a row per evaluation mode
+    per_image = (tmp_path / "runs" / "hetpure-cifar10-jpeg-Linf-seed0-worst2" / "per_image.csv").read_text()
     assert per_image.splitlines()[0] == "index,label,clean_pred,adv_pred,clean_correct,robust_correct"
 
 

@@ -4,7 +4,7 @@ import torch
 
 from hetpure_bench.attacks.pgd_eot import PGDEOT
 from hetpure_bench.defenses.base import NoDefense
-from hetpure_bench.runner import RunSpec, sanity_checks
+from hetpure_bench.runner import RunSpec, attack_and_evaluate, sanity_checks
 from hetpure_bench.sanity import summarise
 from linear_models import FixedDefense, linear_problem
 
@@ -13,7 +13,9 @@ EPS = 0.04
 
 def _checks(defense, classifier, x, y, attack, **sanity):
     spec = RunSpec(defense="test", eps=attack.eps, batch_size=len(y), sanity={"images": len(y), **sanity})
-    results = sanity_checks(defense, defense, [attack], classifier, x, y, torch.arange(len(y)), spec)
+    index = torch.arange(len(y))
+    frames = {"single": attack_and_evaluate(defense, defense, [attack], x, y, index, spec, progress=False)}
+    results = sanity_checks(defense, defense, [attack], classifier, x, y, index, spec, frames)["single"]
     return {r.name: r for r in results}
 
 
