@@ -26,6 +26,8 @@ MASK_HOOKS: dict[str, tuple[str, ...]] = {
     "wrn-28-10": ("block1.layer.3.relu2", "block2.layer.3.relu2", "block3.layer.3.relu2", "relu"),
     # DeepMind-style WRN-70-16 (11 blocks per group): relu_1 of each group's last block + final ReLU.
     "dm-wrn-70-16": ("layer.0.block.10.relu_1", "layer.1.block.10.relu_1", "layer.2.block.10.relu_1", "relu"),
+    # RobustBench-style WideResNet-70-16 (11 blocks per group), as in DiffPure's wrn-70-16-dropout.
+    "wrn-70-16": ("block1.layer.10.relu2", "block2.layer.10.relu2", "block3.layer.10.relu2", "relu"),
     "resnet-18": ("layer1", "layer2", "layer3", "layer4"),
     "resnet-50": ("layer1", "layer2", "layer3", "layer4"),
 }

@@ -1,15 +1,27 @@
-"""The classifier registry. Every classifier takes images in [0, 1] and returns logits."""
+"""The classifier registry. Every classifier takes images in [0, 1] and returns logits.
+
+Besides the registered names, ``robustbench:<Name>`` (or ``robustbench:<Name>@L2``) loads any
+RobustBench CIFAR-10 zoo model through robustbench's own loader, cached under $HETPURE_HOME.
+"""
 
 from __future__ import annotations
 
+import pickle
 from importlib import resources
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
+from .artifacts import MissingArtifactError, check_format, fetch, get_artifact, verify
 from .attention_mask import MASK_HOOKS
-from .registry import Registry
+from .cache import hetpure_home
+from .errors import ChecksumError, UserError
+from .registry import Entry, Registry
+from .robustbench_compat import import_robustbench
+
+ROBUSTBENCH_PREFIX = "robustbench:"
 
 CLASSIFIERS: Registry[nn.Module] = Registry("classifier")
 
@@ -41,12 +53,151 @@ CLASSIFIERS.register(
 )
 
 
+def robustbench_dir() -> Path:
+    return hetpure_home() / "robustbench"
+
+
+def robustbench_file(name: str, threat: str) -> Path:
+    return robustbench_dir() / "cifar10" / threat / f"{name}.pt"
+
+
+def load_robustbench(name: str, threat: str = "Linf") -> nn.Module:
+    """A RobustBench CIFAR-10 zoo model via robustbench.load_model (which downloads from Google
+    Drive without a checksum: the file is format-checked and its sha256 pinned on first use)."""
+    robustbench = import_robustbench()
+    from robustbench.model_zoo import model_dicts
+    from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
+
+    try:
+        zoo = model_dicts[BenchmarkDataset("cifar10")][ThreatModel(threat)]
+    except ValueError:
+        raise UserError(f"unknown RobustBench threat model {threat!r}: use Linf, L2 or corruptions") from None
+    if name not in zoo:
+        raise UserError(f"unknown RobustBench CIFAR-10 {threat} model {name!r} (e.g. Standard, Carmon2019Unlabeled)")
+    path = robustbench_file(name, threat)
+    existed = path.exists()
+    if existed:
+        check_format(path)
+    try:
+        model = robustbench.load_model(model_name=name, model_dir=robustbench_dir(), dataset="cifar10", threat_model=threat)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, KeyError, ValueError) as exc:
+        if not existed:
+            path.unlink(missing_ok=True)  # what a failed download left behind
+        raise ChecksumError(f"{path} is corrupt or truncated ({type(exc).__name__}): delete it and load again") from None
+    except Exception as exc:  # robustbench/gdown raise many kinds of network errors
+        path.unlink(missing_ok=True)
+        raise MissingArtifactError(
+            f"RobustBench model {name} ({threat}) is not cached and could not be downloaded "
+            f"({type(exc).__name__}): put the file at {path}"
+        ) from None
+    artifact = f"robustbench-cifar10-{threat.lower()}-{name.lower()}"
+    if artifact in _artifact_names():
+        verify(get_artifact(artifact), path)
+    return model
+
+
+def _artifact_names() -> set[str]:
+    from .artifacts import artifact_index
+
+    return set(artifact_index())
+
+
+def load_state_dict_file(path: Path, model: nn.Module) -> nn.Module:
+    """Load a state dict saved by torch (optionally under "state_dict", "module."-prefixed)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, pickle error, HTML page...
+        raise ChecksumError(f"{path} is not a readable checkpoint ({type(exc).__name__}): delete it and download it again") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ChecksumError(f"{path} does not hold a state dict")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "mismatch"
+        raise ChecksumError(f"{path} does not fit the architecture: {first}") from None
+    return model.eval()
+
+
+def _dm_wrn_70_16() -> nn.Module:
+    import_robustbench()
+    from robustbench.model_zoo.architectures.dm_wide_resnet import DMWideResNet, Swish
+
+    return DMWideResNet(num_classes=10, depth=70, width=16, activation_fn=Swish)
+
+
+def _wrn_70_16_dropout() -> nn.Module:
+    import_robustbench()
+    from robustbench.model_zoo.architectures.wide_resnet import WideResNet
+
+    return WideResNet(depth=70, widen_factor=16, dropRate=0.3)
+
+
+def _from_artifact(artifact: str, architecture: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    return lambda: load_state_dict_file(fetch(artifact), architecture())
+
+
+def _artifact_present(artifact: str) -> Callable[[], bool]:
+    return lambda: get_artifact(artifact).local_path.is_file()
+
+
+CLASSIFIERS.register(
+    "wrn-28-10-standard",
+    lambda: load_robustbench("Standard", "Linf"),
+    available=lambda: robustbench_file("Standard", "Linf").is_file(),
+    architecture="WideResNet-28-10 (RobustBench)", parameters=36_479_194, build_architecture=lambda: _robustbench_architecture("Standard"),
+    mask_hooks=MASK_HOOKS["wrn-28-10"], training="standard", input_range="[0,1], no normalisation",
+    source="RobustBench model zoo 'Standard' (cifar10, Linf); 94.78% clean",
+)
+CLASSIFIERS.register(
+    "wrn-70-16-dm",
+    _from_artifact("diffpure-wrn-70-16", _dm_wrn_70_16),
+    available=_artifact_present("diffpure-wrn-70-16"),
+    architecture="DeepMind-style WideResNet-70-16, Swish, CIFAR-10 mean/std inside", parameters=266_796_506,
+    build_architecture=_dm_wrn_70_16, mask_hooks=MASK_HOOKS["dm-wrn-70-16"], training="standard",
+    input_range="[0,1] (normalised inside the network)", source="DiffPure's standard-trained WRN-70-16 (artifact diffpure-wrn-70-16)",
+)
+CLASSIFIERS.register(
+    "wrn-70-16-dropout",
+    _from_artifact("diffpure-wrn-70-16-dropout", _wrn_70_16_dropout),
+    available=_artifact_present("diffpure-wrn-70-16-dropout"),
+    architecture="WideResNet-70-16, dropout 0.3", parameters=266_796_506,
+    build_architecture=_wrn_70_16_dropout, mask_hooks=MASK_HOOKS["wrn-70-16"], training="standard",
+    input_range="[0,1], no normalisation", source="DiffPure's wrn-70-16-dropout (artifact diffpure-wrn-70-16-dropout)",
+)
+
+
+def _robustbench_architecture(name: str, threat: str = "Linf") -> nn.Module:
+    import_robustbench()
+    from robustbench.model_zoo import model_dicts
+    from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
+
+    return model_dicts[BenchmarkDataset("cifar10")][ThreatModel(threat)][name]["model"]()
+
+
+def classifier_entry(name: str) -> Entry[nn.Module]:
+    """The registry entry of ``name``; ``robustbench:<Name>[@threat]`` gives a zoo model."""
+    if not name.startswith(ROBUSTBENCH_PREFIX):
+        return CLASSIFIERS.get(name)
+    zoo_name, _, threat = name[len(ROBUSTBENCH_PREFIX):].partition("@")
+    threat = threat or "Linf"
+    if not zoo_name:
+        raise UserError("use robustbench:<ModelName>, e.g. robustbench:Standard or robustbench:Rebuffi2021Fixing_70_16_cutmix_extra@L2")
+    return Entry(
+        name, lambda: load_robustbench(zoo_name, threat),
+        {"architecture": f"RobustBench {zoo_name} ({threat})", "source": "RobustBench model zoo", "mask_hooks": ()},
+        lambda: robustbench_file(zoo_name, threat).is_file(),
+    )
+
+
 def load_classifier(name: str) -> nn.Module:
-    """Build a registered classifier in eval mode with frozen parameters.
+    """Build a classifier (registered, or robustbench:<Name>) in eval mode with frozen parameters.
 
     The model carries ``mask_hooks``: the blocks the attention mask of hetpure hooks.
     """
-    entry = CLASSIFIERS.get(name)
+    entry = classifier_entry(name)
     model = entry.build()
     model.requires_grad_(False)
     model.mask_hooks = tuple(entry.info.get("mask_hooks", ()))

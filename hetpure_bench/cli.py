@@ -72,14 +72,14 @@ def cmd_export_denoiser(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_denoiser(args: argparse.Namespace) -> int:
-    from .classifiers import CLASSIFIERS, load_classifier
+    from .classifiers import classifier_entry, load_classifier
     from .data import load_cifar10
     from .denoiser_quality import evaluate_denoiser
     from .diffusion.networks import load_unet_safetensors
     from .diffusion.zoo import DIFFUSION_MODELS, load_diffusion_model
 
     # Check names and data before loading any network.
-    CLASSIFIERS.get(args.classifier)
+    classifier_entry(args.classifier)
     if not args.weights:
         DIFFUSION_MODELS.get(args.diffusion_model)
     data = load_cifar10(args.data, split="test").subset(args.n, args.seed)

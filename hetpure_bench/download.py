@@ -7,10 +7,11 @@ import os
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 from tqdm.auto import tqdm
 
-from .errors import ChecksumError, DownloadError
+from .errors import ChecksumError, DownloadError, UserError
 
 _CHUNK = 1 << 20
 
@@ -39,14 +40,22 @@ def verify_checksum(path: Path, checksum: str) -> None:
         )
 
 
-def download(url: str, dest: Path, checksum: str, timeout: float = 30.0) -> Path:
+def download(
+    url: str,
+    dest: Path,
+    checksum: str | None,
+    timeout: float = 30.0,
+    validate: Callable[[Path], None] | None = None,
+) -> Path:
     """Download ``url`` to ``dest`` unless a verified copy is already there; return ``dest``.
 
-    The bytes go to ``dest.part`` with a progress bar, are verified, then renamed into place, so
-    an interrupted or corrupted download never leaves a file at ``dest``.
+    The bytes go to ``dest.part`` with a progress bar, are verified (``checksum``, and
+    ``validate`` which raises UserError on a bad file, e.g. an HTML page), then renamed into
+    place, so an interrupted or corrupted download never leaves a file at ``dest``. A None
+    checksum is only for files whose checksum is not published (see artifacts.py).
     """
     dest = Path(dest)
-    if dest.exists() and checksum_matches(dest, checksum):
+    if dest.exists() and (checksum is None or checksum_matches(dest, checksum)):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
@@ -62,12 +71,15 @@ def download(url: str, dest: Path, checksum: str, timeout: float = 30.0) -> Path
         reason = getattr(exc, "reason", exc)
         raise DownloadError(f"could not download {url}: {reason}") from None
     try:
-        verify_checksum(part, checksum)
-    except ChecksumError:
+        if checksum is not None:
+            verify_checksum(part, checksum)
+        if validate is not None:
+            validate(part)
+    except UserError as exc:
         part.unlink(missing_ok=True)
+        why = f"does not match its checksum {checksum}" if isinstance(exc, ChecksumError) else f"is not usable ({exc})"
         raise ChecksumError(
-            f"download of {url} does not match its checksum {checksum} (truncated, or an error "
-            "page instead of the file); nothing was saved"
+            f"download of {url} {why} (truncated, or an error page instead of the file); nothing was saved"
         ) from None
     os.replace(part, dest)
     return dest

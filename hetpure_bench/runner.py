@@ -25,7 +25,7 @@ from .attacks import attack_label, build_attacks, mask_temperature
 from .attacks.base import Attack
 from .attacks.gradients import attack_model, parse_gradient_mode
 from .attacks.threat import check_threat, perturbation_size
-from .classifiers import CLASSIFIERS, load_classifier
+from .classifiers import classifier_entry, load_classifier
 from .data import load_cifar10
 from .defenses import DEFENSES, build_defense, defense_config, load_entry_point_defenses
 from .defenses.base import Defense
@@ -95,7 +95,7 @@ def validate(spec: RunSpec) -> None:
     load_entry_point_defenses()
     defense_cls = DEFENSES.build(spec.defense)
     defense_config(spec.defense, spec.defense_overrides, spec.threat)
-    CLASSIFIERS.get(spec.classifier)
+    classifier_entry(spec.classifier)
     if defense_cls.needs_diffusion:
         DIFFUSION_MODELS.get(spec.diffusion_model)
     check_threat(spec.threat, spec.eps)

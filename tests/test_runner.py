@@ -140,3 +140,28 @@ def test_leaderboard_rerun_replaces_its_own_row(tmp_path):
     assert "| hetpure | t_l=200 | c | d | cifar10-jpeg | Linf | 0.0313725 | PGD-EOT | full | single | 32 | 0 | 80.0 | 60.0 | - | 10 | 11.0 | ok |" in markdown
     merge_row(tmp_path, _row(seed=1))  # another seed is another setup
     assert len(pd.read_csv(tmp_path / "cifar10-jpeg-Linf.csv")) == 3
+
+
+def test_several_attacks_count_an_image_robust_only_if_it_survives_all():
+    from hetpure_bench.runner import robust_by_attack
+    from linear_models import linear_problem, linf_breakable
+
+    model, x, y = linear_problem(n=16)
+    defense = build_defense("none", model, None)
+    weak, strong = PGDEOT(eps=0.01, step_size=0.005, steps=4, eot=1), PGDEOT(eps=0.03, step_size=0.01, steps=6, eot=1)
+    spec = RunSpec(defense="none", eps=0.03, batch_size=16)
+    per_image = attack_and_evaluate(defense, defense, [weak, strong], x, y, torch.arange(16), spec, progress=False)
+    assert per_image["robust_correct_0"].tolist() == (~linf_breakable(model, x, y, 0.01)).tolist()
+    assert per_image["robust_correct_1"].tolist() == (~linf_breakable(model, x, y, 0.03)).tolist()
+    both = per_image["robust_correct_0"] & per_image["robust_correct_1"]
+    assert per_image["robust_correct"].tolist() == both.tolist()
+    label = robust_by_attack(per_image, [weak, strong])
+    assert label.count("PGD-EOT") == 2 and f"{100 * per_image['robust_correct_1'].mean():.1f}" in label
+
+
+def test_leaderboard_files_from_older_versions_gain_the_new_columns(tmp_path):
+    old = pd.DataFrame([{c: v for c, v in _row(defense="none").items() if c not in ("sanity", "robust_by_attack")}])
+    old.to_csv(tmp_path / "cifar10-jpeg-Linf.csv", index=False)
+    table = merge_row(tmp_path, _row())
+    assert table.loc[table.defense == "none", "sanity"].tolist() == ["not recorded"]
+    assert table.loc[table.defense == "hetpure", "sanity"].tolist() == ["ok"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
+from ..artifacts import fetch, get_artifact
+from ..errors import ChecksumError
 from ..registry import Registry
 from .networks import EpsModel, load_unet_safetensors
 
@@ -27,6 +29,57 @@ DIFFUSION_MODELS.register(
     training_data="cifar10-jpeg train split (50,000 images), trained here (hetpure_bench train-denoiser)",
     source="committed with the package (fp16 safetensors)",
 )
+
+
+# google/ddpm-cifar10-32 (Ho et al.'s CIFAR-10 DDPM converted to diffusers): 35,746,307 parameters.
+DDPM_CIFAR10_CONFIG = {
+    "sample_size": 32, "in_channels": 3, "out_channels": 3, "block_out_channels": [128, 256, 256, 256],
+    "layers_per_block": 2, "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"], "norm_eps": 1e-6,
+    "flip_sin_to_cos": False, "freq_shift": 1,
+}
+DDPM_HUB_ID = "google/ddpm-cifar10-32"
+
+
+def load_diffusers_unet(folder: Path) -> EpsModel:
+    """A diffusers UNet2DModel folder (config.json + weights) as an eps-model."""
+    from diffusers import UNet2DModel
+
+    try:
+        unet = UNet2DModel.from_pretrained(str(folder))
+    except (OSError, ValueError, RuntimeError, EnvironmentError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ChecksumError(f"{folder} is not a loadable diffusers UNet2DModel folder: {first}") from None
+    return EpsModel(unet, {"source": str(folder)})
+
+
+def ddpm_cifar10_folder() -> Path:
+    """The local folder of google/ddpm-cifar10-32: the Hugging Face hub cache when it has the
+    model, else the artifact cache (downloading config and weights, checked and pinned)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(DDPM_HUB_ID, local_files_only=True))
+    except Exception:  # not in the hub cache (or no huggingface_hub): use our own cache
+        pass
+    fetch("google-ddpm-cifar10-32-config")
+    return fetch("google-ddpm-cifar10-32-weights").parent
+
+
+def _ddpm_present() -> bool:
+    return get_artifact("google-ddpm-cifar10-32-weights").local_path.is_file()
+
+
+for _name, _note in (
+    ("ddpm-cifar10", "Ho et al. (2020) CIFAR-10 DDPM, diffusers UNet2DModel"),
+    ("gdmp-ddpm", "the same network and EMA weights as ddpm-cifar10 (GDMP's ema_cifar10, converted by diffusers)"),
+):
+    DIFFUSION_MODELS.register(
+        _name, lambda: load_diffusers_unet(ddpm_cifar10_folder()), available=_ddpm_present,
+        architecture="diffusers UNet2DModel (128,256,256,256), attention at 16x16, 35.7M params",
+        parameters=35_746_307, unet_config=DDPM_CIFAR10_CONFIG, prediction="eps", trained_timesteps="0..999",
+        source=f"{DDPM_HUB_ID} (Hugging Face hub cache or $HETPURE_HOME/ddpm-cifar10-32)", note=_note,
+    )
 
 
 def load_diffusion_model(name: str) -> EpsModel:
