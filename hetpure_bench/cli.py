@@ -124,10 +124,15 @@ def _parse_setting(text: str, option: str) -> tuple[str, object]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .defenses import DEFENSES, load_entry_point_defenses
-    from .runner import run, spec_from_preset, validate
+    from .runner import load_preset, run, spec_from_preset, validate
 
     load_entry_point_defenses()
-    names = DEFENSES.names() if args.defense == "all" else [n.strip() for n in args.defense.split(",") if n.strip()]
+    if args.defense is None:  # the defenses the preset configures
+        names = list((load_preset(args.preset).get("defenses") or {})) or ["hetpure"]
+    elif args.defense == "all":
+        names = DEFENSES.names()
+    else:
+        names = [n.strip() for n in args.defense.split(",") if n.strip()]
     attack = {k: v for k, v in {
         "name": args.attack, "steps": args.steps, "step_size": args.step_size, "eot": args.eot,
         "random_start": args.random_start, "mask_aware": args.mask_aware,
@@ -146,6 +151,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     ]
     for spec in specs:  # every row's input is checked before the first one runs
         validate(spec)
+    if args.dry_run:
+        from .dry_run import print_estimates
+
+        print_estimates(specs)
+        return 0
     leaderboard_dir = Path(args.leaderboard_dir)
     _check_writable(leaderboard_dir)
     cache: dict = {}
@@ -199,9 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_list)
 
     p = commands.add_parser("run", help="attack a defense and merge its row into the leaderboard")
-    p.add_argument("--defense", required=True,
+    p.add_argument("--defense",
                    help="registered defense name (see 'list'), a comma-separated list, or 'all'; "
-                   "several defenses run on the same images and attack, sharing the networks")
+                   "several defenses run on the same images and attack, sharing the networks "
+                   "(default: the defenses the preset configures)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print network calls and estimated hours per row (from a measured network "
+                   "pass on this device) and exit without running")
     p.add_argument("--preset", default="smoke", help="shipped YAML preset giving the defaults (default smoke)")
     p.add_argument("--classifier")
     p.add_argument("--diffusion-model")

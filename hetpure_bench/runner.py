@@ -77,6 +77,9 @@ def spec_from_preset(preset: str, defense: str, **overrides: Any) -> RunSpec:
     """A RunSpec from a shipped preset, with command-line values (not None) taking precedence."""
     settings = load_preset(preset)
     defense_overrides = dict((settings.pop("defenses", None) or {}).get(defense, {}))
+    # A preset may give a defense its own diffusion model (GDMP uses Ho et al.'s DDPM).
+    if "diffusion_model" in defense_overrides:
+        settings["diffusion_model"] = defense_overrides.pop("diffusion_model")
     defense_overrides.update(overrides.pop("defense_overrides", None) or {})
     # The preset names its attack and keeps settings per attack, so that choosing another
     # attack on the command line picks up the preset's settings for that one.

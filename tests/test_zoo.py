@@ -49,3 +49,32 @@ def test_offline_without_a_copy_names_the_file_url_and_place(monkeypatch):
     message = str(info.value)
     assert "http://127.0.0.1:9/ddpm-cifar10-32/config.json" in message
     assert str(unreachable["google-ddpm-cifar10-32-config"].local_path) in message and "\n" not in message
+
+
+def test_score_sde_checkpoint_is_converted_once_and_loaded_from_the_cache(monkeypatch):
+    from hetpure_bench.diffusion import ddpmpp
+    from hetpure_bench.diffusion.ddpmpp import DDPMpp
+
+    tiny = ddpmpp.DDPMppConfig(image_size=8, nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,))
+    monkeypatch.setattr(zoo, "score_sde_config", lambda: tiny)
+    torch.manual_seed(0)
+    model = DDPMpp(tiny)
+    shadow = [p.detach() + 0.01 for p in model.parameters()]
+    path = get_artifact("score-sde-ddpmpp-deep-continuous").local_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"module." + k: v for k, v in model.state_dict().items()}
+    torch.save({"model": state, "ema": {"decay": 0.9999, "num_updates": 1, "shadow_params": shadow}, "optimizer": {}, "step": 0}, path)
+    loaded = load_diffusion_model("score-sde-ddpmpp")
+    assert zoo.score_sde_safetensors().is_file()
+    assert torch.equal(next(loaded.parameters()), shadow[0])  # the EMA weights
+    path.unlink()  # from now on only the converted cache is needed
+    again = load_diffusion_model("score-sde-ddpmpp")
+    x = torch.randn(1, 3, tiny.image_size, tiny.image_size)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x, 10), loaded(x, 10))
+
+
+def test_score_sde_missing_is_one_line_with_the_url():
+    with pytest.raises(MissingArtifactError, match="download it by hand from https://drive.google.com") as info:
+        load_diffusion_model("score-sde-ddpmpp")
+    assert "\n" not in str(info.value)

@@ -39,6 +39,7 @@ def make_variant(base: type[Defense], name: str, defaults: dict[str, Any]) -> ty
 
 # The paper's ablations and the RePaint-style purifier: hetpure's machinery, other defaults.
 HETPURE_VARIANTS = {
+    "hetpure-u10": ({"resample_steps": 10}, "hetpure with U = 10 (the first release and the paper text; the current reference uses 3)"),
     "hetpure-noresample": ({"resampling": "none"}, "hetpure ablation: no resampling"),
     "hetpure-multistep": (
         {"resampling": "multi", "resample_steps": 20},

@@ -5,10 +5,12 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
+from diffusers import UNet2DModel
+
 from ..artifacts import fetch, get_artifact
 from ..errors import ChecksumError
 from ..registry import Registry
-from .networks import EpsModel, load_unet_safetensors
+from .networks import EMBEDDED_UNET_CONFIG, EpsModel, build_unet, load_unet_safetensors
 
 DIFFUSION_MODELS: Registry[EpsModel] = Registry("diffusion model")
 
@@ -28,6 +30,7 @@ DIFFUSION_MODELS.register(
     trained_timesteps="0..299 of the linear schedule: a denoiser for t < 300, not a generator",
     training_data="cifar10-jpeg train split (50,000 images), trained here (hetpure_bench train-denoiser)",
     source="committed with the package (fp16 safetensors)",
+    build_architecture=lambda: EpsModel(build_unet(EMBEDDED_UNET_CONFIG)),
 )
 
 
@@ -43,8 +46,6 @@ DDPM_HUB_ID = "google/ddpm-cifar10-32"
 
 def load_diffusers_unet(folder: Path) -> EpsModel:
     """A diffusers UNet2DModel folder (config.json + weights) as an eps-model."""
-    from diffusers import UNet2DModel
-
     try:
         unet = UNet2DModel.from_pretrained(str(folder))
     except (OSError, ValueError, RuntimeError, EnvironmentError) as exc:
@@ -77,9 +78,47 @@ for _name, _note in (
     DIFFUSION_MODELS.register(
         _name, lambda: load_diffusers_unet(ddpm_cifar10_folder()), available=_ddpm_present,
         architecture="diffusers UNet2DModel (128,256,256,256), attention at 16x16, 35.7M params",
-        parameters=35_746_307, unet_config=DDPM_CIFAR10_CONFIG, prediction="eps", trained_timesteps="0..999",
+        parameters=35_746_307, unet_config=DDPM_CIFAR10_CONFIG, prediction="eps",
+        build_architecture=lambda: EpsModel(UNet2DModel(**DDPM_CIFAR10_CONFIG)), trained_timesteps="0..999",
         source=f"{DDPM_HUB_ID} (Hugging Face hub cache or $HETPURE_HOME/ddpm-cifar10-32)", note=_note,
     )
+
+
+def score_sde_safetensors() -> Path:
+    return get_artifact("score-sde-ddpmpp-deep-continuous").local_path.with_name("ema.safetensors")
+
+
+def load_score_sde_ddpmpp() -> EpsModel:
+    """The DDPM++ EMA weights: converted once from checkpoint_8.pth to safetensors in the cache."""
+    from .ddpmpp import convert_to_safetensors, load_ddpmpp_safetensors, load_score_sde_checkpoint
+
+    converted = score_sde_safetensors()
+    if not converted.is_file():
+        checkpoint = fetch("score-sde-ddpmpp-deep-continuous")
+        convert_to_safetensors(load_score_sde_checkpoint(checkpoint, score_sde_config()), converted)
+    return EpsModel(load_ddpmpp_safetensors(converted), {"source": "score_sde checkpoint_8.pth (EMA)"})
+
+
+def score_sde_config():
+    """The checkpoint's network configuration (score_sde vp/cifar10_ddpmpp_deep_continuous)."""
+    from .ddpmpp import DDPMppConfig
+
+    return DDPMppConfig()
+
+
+def _ddpmpp_architecture() -> EpsModel:
+    from .ddpmpp import DDPMpp
+
+    return EpsModel(DDPMpp(score_sde_config()))
+
+
+DIFFUSION_MODELS.register(
+    "score-sde-ddpmpp", load_score_sde_ddpmpp,
+    available=lambda: score_sde_safetensors().is_file() or get_artifact("score-sde-ddpmpp-deep-continuous").local_path.is_file(),
+    architecture="score_sde DDPM++ deep (NCSN++ config: nf 128, ch_mult 1,2,2,2, 8 res-blocks, attention at 16x16), 106.6M params",
+    parameters=106_632_579, build_architecture=_ddpmpp_architecture, prediction="eps", trained_timesteps="0..999 (continuous VP)",
+    source="score_sde vp/cifar10_ddpmpp_deep_continuous checkpoint_8.pth (EMA weights); the paper-grade model",
+)
 
 
 def load_diffusion_model(name: str) -> EpsModel:
