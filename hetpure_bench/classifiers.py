@@ -151,22 +151,19 @@ CLASSIFIERS.register(
     mask_hooks=MASK_HOOKS["wrn-28-10"], training="standard", input_range="[0,1], no normalisation",
     source="RobustBench model zoo 'Standard' (cifar10, Linf); 94.78% clean",
 )
-CLASSIFIERS.register(
-    "wrn-70-16-dm",
-    _from_artifact("diffpure-wrn-70-16", _dm_wrn_70_16),
-    available=_artifact_present("diffpure-wrn-70-16"),
-    architecture="DeepMind-style WideResNet-70-16, Swish, CIFAR-10 mean/std inside", parameters=266_796_506,
-    build_architecture=_dm_wrn_70_16, mask_hooks=MASK_HOOKS["dm-wrn-70-16"], training="standard",
-    input_range="[0,1] (normalised inside the network)", source="DiffPure's standard-trained WRN-70-16 (artifact diffpure-wrn-70-16)",
-)
-CLASSIFIERS.register(
-    "wrn-70-16-dropout",
-    _from_artifact("diffpure-wrn-70-16-dropout", _wrn_70_16_dropout),
-    available=_artifact_present("diffpure-wrn-70-16-dropout"),
-    architecture="WideResNet-70-16, dropout 0.3", parameters=266_796_506,
-    build_architecture=_wrn_70_16_dropout, mask_hooks=MASK_HOOKS["wrn-70-16"], training="standard",
-    input_range="[0,1], no normalisation", source="DiffPure's wrn-70-16-dropout (artifact diffpure-wrn-70-16-dropout)",
-)
+# DiffPure's WRN-70-16 classifiers: weights fetched by hand (artifacts.yaml), architectures here.
+for _name, _artifact, _build, _hooks, _architecture, _input in (
+    ("wrn-70-16-dm", "diffpure-wrn-70-16", _dm_wrn_70_16, "dm-wrn-70-16",
+     "DeepMind-style WideResNet-70-16, Swish, CIFAR-10 mean/std inside", "[0,1] (normalised inside the network)"),
+    ("wrn-70-16-dropout", "diffpure-wrn-70-16-dropout", _wrn_70_16_dropout, "wrn-70-16",
+     "WideResNet-70-16, dropout 0.3", "[0,1], no normalisation"),
+):
+    CLASSIFIERS.register(
+        _name, _from_artifact(_artifact, _build), available=_artifact_present(_artifact),
+        architecture=_architecture, parameters=266_796_506, build_architecture=_build,
+        mask_hooks=MASK_HOOKS[_hooks], training="standard", input_range=_input,
+        source=f"DiffPure's standard-trained classifier (artifact {_artifact})",
+    )
 
 
 def _robustbench_architecture(name: str, threat: str = "Linf") -> nn.Module:

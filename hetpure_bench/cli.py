@@ -24,6 +24,7 @@ def _add_data_option(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from .attacks import ATTACKS
     from .classifiers import CLASSIFIERS
     from .data import OFFICIAL_BATCHES, OFFICIAL_FOLDER, resolve_data_spec
     from .cache import hetpure_home
@@ -42,10 +43,15 @@ def cmd_list(args: argparse.Namespace) -> int:
         for entry in registry:
             state = "available offline" if entry.available() else "not available offline"
             print(f"  {entry.name:<24} {state:<22} {entry.info.get('architecture', '')}")
+        if registry is CLASSIFIERS:
+            print(f"  {'robustbench:<Name>[@L2]':<24} {'downloads when needed':<22} any RobustBench CIFAR-10 zoo model")
     load_entry_point_defenses()
     print("defenses:")
     for entry in DEFENSES:
         print(f"  {entry.name:<24} {entry.info.get('summary', entry.info.get('source', ''))}")
+    print("attacks:")
+    for entry in ATTACKS:
+        print(f"  {entry.name:<24} {entry.info.get('summary', '')}")
     return 0
 
 
