@@ -89,3 +89,24 @@ def test_uncontrolled_randomness_fails_the_eps_zero_check():
     model, x, y = linear_problem(n=16, classes=2)
     checks = _checks(GlobalNoise(model, None), model, x, y, PGDEOT(eps=EPS, step_size=0.01, steps=2, eot=1))
     assert not checks["eps-zero"].passed, checks["eps-zero"].detail
+
+
+class QuantisedInput(torch.nn.Module):
+    """A classifier that rounds its input: its own gradient is zero (masked at the source)."""
+
+    def __init__(self, classifier):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, x):
+        return self.classifier(torch.round(x * 3) / 3)
+
+
+def test_a_gradient_masking_classifier_fails_the_undefended_unbounded_check():
+    model, x, _ = linear_problem(n=8)
+    masked = QuantisedInput(model)
+    with torch.no_grad():
+        y = masked(x).argmax(1)
+    checks = _checks(NoDefense(masked, None), masked, x, y, PGDEOT(eps=EPS, step_size=0.01, steps=4, eot=1))
+    assert not checks["unbounded-undefended"].passed, checks["unbounded-undefended"].detail
+    assert "8/8 robust" in checks["unbounded-undefended"].detail
