@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -172,11 +173,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _report(row: dict, per_image, leaderboard_dir: Path, runs_dir: Path) -> None:
-    from .leaderboard import merge_row
+    from .leaderboard import merge_row, setup_key
 
     table = merge_row(leaderboard_dir, row)
-    mode = row["evaluation"].replace(":", "")
-    runs = runs_dir / f"{row['defense']}-{row['data_source']}-{row['threat']}-seed{row['seed']}-{mode}"
+    # One folder per setup (every label of the row), so rows never overwrite each other's files.
+    digest = hashlib.sha256(setup_key(row).encode()).hexdigest()[:10]
+    runs = runs_dir / f"{row['defense']}-{row['data_source']}-{row['threat']}-seed{row['seed']}-{digest}"
     write_text_atomic(runs / "per_image.csv", per_image.to_csv(index=False))
     write_text_atomic(runs / "row.json", json.dumps(row, indent=2, default=str) + "\n")
     print(

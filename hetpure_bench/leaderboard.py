@@ -17,6 +17,11 @@ RESULT_COLUMNS = ["clean_acc", "robust_acc", "robust_by_attack", "nfe", "wall_s"
 COLUMNS = SETUP_COLUMNS + RESULT_COLUMNS
 
 
+def setup_key(row: dict) -> str:
+    """All setup labels of a row joined: equal keys mean the same setup."""
+    return "|".join(str(row[column]) for column in SETUP_COLUMNS)
+
+
 def leaderboard_stem(data_source: str, threat: str) -> str:
     return f"{data_source}-{threat}"
 

@@ -70,7 +70,9 @@ def test_run_command_writes_leaderboard_and_per_image_results(tmp_path, shared_j
     csv = (tmp_path / "lb" / "cifar10-jpeg-Linf.csv").read_text()
     assert csv.count("\n") == 4 and "resnet18-pyautoattack" in csv and "PGD-EOT(Linf, 1 steps, EOT 1)" in csv
     assert ",single," in csv and ",worst:2," in csv  # one attack, a row per evaluation mode
-    per_image = (tmp_path / "runs" / "hetpure-cifar10-jpeg-Linf-seed0-worst2" / "per_image.csv").read_text()
+    folders = sorted((tmp_path / "runs").glob("hetpure-cifar10-jpeg-Linf-seed0-*"))
+    assert len(folders) == 2  # one per evaluation mode: rows never overwrite each other
+    per_image = (folders[0] / "per_image.csv").read_text()
     assert per_image.splitlines()[0] == "index,label,clean_pred,adv_pred,clean_correct,robust_correct"
 
 
