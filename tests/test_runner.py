@@ -165,3 +165,14 @@ def test_leaderboard_files_from_older_versions_gain_the_new_columns(tmp_path):
     table = merge_row(tmp_path, _row())
     assert table.loc[table.defense == "none", "sanity"].tolist() == ["not recorded"]
     assert table.loc[table.defense == "hetpure", "sanity"].tolist() == ["ok"]
+
+
+def test_the_smoke_preset_keeps_every_registered_defense_at_smoke_scale():
+    from torch import nn
+
+    from hetpure_bench.defenses import DEFENSES
+
+    for name in DEFENSES.names():
+        spec = spec_from_preset("smoke", name)
+        defense = build_defense(name, nn.Identity(), nn.Identity(), spec.defense_overrides, threat=spec.threat)
+        assert defense.nfe <= 20, f"{name}: {defense.nfe} network calls in the smoke preset"
