@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .artifacts import MissingArtifactError, check_format, fetch, get_artifact, verify
+from .artifacts import MissingArtifactError, artifact_index, check_format, fetch, get_artifact, verify
 from .attention_mask import MASK_HOOKS
 from .cache import hetpure_home
 from .errors import ChecksumError, UserError
@@ -61,18 +61,23 @@ def robustbench_file(name: str, threat: str) -> Path:
     return robustbench_dir() / "cifar10" / threat / f"{name}.pt"
 
 
-def load_robustbench(name: str, threat: str = "Linf") -> nn.Module:
-    """A RobustBench CIFAR-10 zoo model via robustbench.load_model (which downloads from Google
-    Drive without a checksum: the file is format-checked and its sha256 pinned on first use)."""
-    robustbench = import_robustbench()
+def robustbench_zoo(threat: str) -> dict:
+    """RobustBench's CIFAR-10 model table for a threat model (name -> architecture, gdrive id)."""
+    import_robustbench()
     from robustbench.model_zoo import model_dicts
     from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
 
     try:
-        zoo = model_dicts[BenchmarkDataset("cifar10")][ThreatModel(threat)]
+        return model_dicts[BenchmarkDataset("cifar10")][ThreatModel(threat)]
     except ValueError:
         raise UserError(f"unknown RobustBench threat model {threat!r}: use Linf, L2 or corruptions") from None
-    if name not in zoo:
+
+
+def load_robustbench(name: str, threat: str = "Linf") -> nn.Module:
+    """A RobustBench CIFAR-10 zoo model via robustbench.load_model (which downloads from Google
+    Drive without a checksum: the file is format-checked and its sha256 pinned on first use)."""
+    robustbench = import_robustbench()
+    if name not in robustbench_zoo(threat):
         raise UserError(f"unknown RobustBench CIFAR-10 {threat} model {name!r} (e.g. Standard, Carmon2019Unlabeled)")
     path = robustbench_file(name, threat)
     existed = path.exists()
@@ -91,15 +96,9 @@ def load_robustbench(name: str, threat: str = "Linf") -> nn.Module:
             f"({type(exc).__name__}): put the file at {path}"
         ) from None
     artifact = f"robustbench-cifar10-{threat.lower()}-{name.lower()}"
-    if artifact in _artifact_names():
+    if artifact in artifact_index():
         verify(get_artifact(artifact), path)
     return model
-
-
-def _artifact_names() -> set[str]:
-    from .artifacts import artifact_index
-
-    return set(artifact_index())
 
 
 def load_state_dict_file(path: Path, model: nn.Module) -> nn.Module:
@@ -167,11 +166,7 @@ for _name, _artifact, _build, _hooks, _architecture, _input in (
 
 
 def _robustbench_architecture(name: str, threat: str = "Linf") -> nn.Module:
-    import_robustbench()
-    from robustbench.model_zoo import model_dicts
-    from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
-
-    return model_dicts[BenchmarkDataset("cifar10")][ThreatModel(threat)][name]["model"]()
+    return robustbench_zoo(threat)[name]["model"]()
 
 
 def classifier_entry(name: str) -> Entry[nn.Module]:

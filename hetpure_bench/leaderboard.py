@@ -33,8 +33,7 @@ def merge_row(directory: Path, row: dict) -> pd.DataFrame:
     if csv_path.exists():
         old = pd.read_csv(csv_path, dtype={c: str for c in SETUP_COLUMNS}, keep_default_na=False)
         old = old.reindex(columns=COLUMNS, fill_value="not recorded")  # files from older versions
-        key = new[SETUP_COLUMNS].astype(str).agg("|".join, axis=1).iloc[0]
-        old = old[old[SETUP_COLUMNS].astype(str).agg("|".join, axis=1) != key]
+        old = old[old.apply(setup_key, axis=1, result_type="reduce") != setup_key(row)]
         table = pd.concat([old, new.astype({c: str for c in SETUP_COLUMNS})], ignore_index=True)
     else:
         table = new

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .attacks import attack_label, build_attacks, mask_temperature
 from .attacks.base import Attack
-from .attacks.gradients import attack_model, parse_gradient_mode
+from .attacks.gradients import attack_model, check_mask_aware, parse_gradient_mode
 from .attacks.threat import check_threat, perturbation_size
 from .classifiers import classifier_entry, load_classifier
 from .data import load_cifar10
@@ -97,7 +97,7 @@ def validate(spec: RunSpec) -> None:
     """Every check that needs no network or data, so bad input fails before heavy work."""
     load_entry_point_defenses()
     defense_cls = DEFENSES.build(spec.defense)
-    defense_config(spec.defense, spec.defense_overrides, spec.threat)
+    config = defense_config(spec.defense, spec.defense_overrides, spec.threat)
     classifier_entry(spec.classifier)
     if defense_cls.needs_diffusion:
         DIFFUSION_MODELS.get(spec.diffusion_model)
@@ -108,11 +108,7 @@ def validate(spec: RunSpec) -> None:
     evaluation_modes(spec)
     build_attacks(spec.attack, spec.threat, spec.eps, spec.seed)
     if mask_temperature(spec.attack) is not None:
-        if spec.gradient == "bpda":
-            raise UserError("the mask-aware attack needs gradients through the purifier: use gradient 'full' or 'surrogate:K'")
-        config = defense_config(spec.defense, spec.defense_overrides, spec.threat)
-        if not hasattr(defense_cls, "with_mask_gradient") or config.mask_mode != "attention":
-            raise UserError(f"defense {spec.defense!r} has no attention mask for the mask-aware attack")
+        check_mask_aware(spec.gradient, spec.defense, config)
     sanity_config(spec)
 
 

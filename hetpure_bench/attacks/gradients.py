@@ -10,6 +10,8 @@ with an attention mask) makes the mask differentiable before the mode is applied
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -42,15 +44,20 @@ class BPDA(nn.Module):
         return self.defense.classifier(x01 + (purified - x01).detach())
 
 
+def check_mask_aware(mode: str, defense_name: str, config: Any) -> None:
+    """The mask-aware attack needs gradients through the purifier and an attention mask."""
+    if parse_gradient_mode(mode)[0] == "bpda":
+        raise UserError("the mask-aware attack needs gradients through the purifier: use gradient 'full' or 'surrogate:K'")
+    if getattr(config, "mask_mode", None) != "attention":
+        raise UserError(f"defense {defense_name!r} has no attention mask for the mask-aware attack")
+
+
 def attack_model(defense: Defense, mode: str, mask_temperature: float | None = None) -> nn.Module:
     """The module whose gradient the attack follows (its forward may be cheaper than the
     defense's for surrogates; robustness is always judged on the defense itself)."""
     kind, calls = parse_gradient_mode(mode)
     if mask_temperature is not None:
-        if kind == "bpda":
-            raise UserError("the mask-aware attack needs gradients through the purifier: use gradient 'full' or 'surrogate:K'")
-        if not hasattr(defense, "with_mask_gradient"):
-            raise UserError(f"defense {defense.name!r} has no attention mask for the mask-aware attack")
+        check_mask_aware(mode, defense.name, defense.config)
         defense = defense.with_mask_gradient(mask_temperature)
     if kind == "full":
         return defense
