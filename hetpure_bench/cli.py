@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -130,8 +130,11 @@ def _parse_setting(text: str, option: str) -> tuple[str, object]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from . import distributed
     from .defenses import DEFENSES, load_entry_point_defenses
-    from .runner import load_preset, run, spec_from_preset, validate
+    from .leaderboard import write_leaderboards
+    from .runner import load, load_preset, run, spec_from_preset, validate
+    from .store import ResultStore
 
     load_entry_point_defenses()
     if args.defense is None:  # the defenses the preset configures
@@ -163,46 +166,58 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         print_estimates(specs)
         return 0
+    ranks = distributed.ranks_from_env()
+    device = distributed.device_for(ranks, args.device)
     leaderboard_dir = Path(args.leaderboard_dir)
-    _check_writable(leaderboard_dir)
+    store_path = Path(args.store) if args.store else leaderboard_dir / "results.sqlite"
+    for directory in {leaderboard_dir, store_path.parent}:
+        _check_writable(directory)
     cache: dict = {}
-    for spec in specs:
-        for row, per_image in run(spec, cache=cache):
-            _report(row, per_image, leaderboard_dir, Path(args.runs_dir))
+    for spec in specs:  # data and every checkpoint, so that a missing or corrupt one fails first
+        load(spec, device, cache)
+    distributed.init(ranks, device)
+    # Only rank 0 opens the main store; every rank of a distributed run has its own shard.
+    store = ResultStore(store_path) if ranks.is_main else None
+    shard = ResultStore(ranks.shard_path(store_path)) if ranks.distributed else None
+    try:
+        for spec in specs:
+            rows = run(spec, store, cache=cache, ranks=ranks, device=device, shard=shard)
+            if rows:
+                write_leaderboards(store.rows(), leaderboard_dir)
+            for row in rows:
+                _report(row, leaderboard_dir, store_path)
+    finally:
+        if store is not None:
+            store.close()
+        if shard is not None:
+            shard.delete() if shard.is_empty() else shard.close()
+        distributed.finish(ranks)
     return 0
 
 
-def _report(row: dict, per_image, leaderboard_dir: Path, runs_dir: Path) -> None:
-    from .leaderboard import merge_row, setup_key
-
-    table = merge_row(leaderboard_dir, row)
-    # One folder per setup (every label of the row), so rows never overwrite each other's files.
-    digest = hashlib.sha256(setup_key(row).encode()).hexdigest()[:10]
-    runs = runs_dir / f"{row['defense']}-{row['data_source']}-{row['threat']}-seed{row['seed']}-{digest}"
-    write_text_atomic(runs / "per_image.csv", per_image.to_csv(index=False))
-    write_text_atomic(runs / "row.json", json.dumps(row, indent=2, default=str) + "\n")
+def _report(row: dict, leaderboard_dir: Path, store_path: Path) -> None:
     print(
         f"{row['defense']} [{row['defense_config']}] | {row['classifier']} + {row['diffusion_model']} | "
         f"{row['data_source']}, {row['n_images']} images, seed {row['seed']} | {row['attack']}, "
         f"{row['threat']} eps {row['eps']}, gradient {row['gradient_mode']} | evaluation {row['evaluation']}"
     )
     print(
-        f"clean {100 * row['clean_acc']:.1f}%  robust {100 * row['robust_acc']:.1f}%  "
-        f"NFE {row['nfe']}  wall {row['wall_s']:.1f} s  (sanity checks {row['sanity_wall_s']:.1f} s)"
+        f"clean {100 * row['clean_acc']:.1f}%  robust {100 * row['robust_acc']:.1f}%  NFE {row['nfe']}  "
+        f"wall {row['wall_s']:.1f} s ({row['images_per_s']:.3g} images/s, peak {row['peak_mem_mib']} MiB, "
+        f"{row['device']})  sanity checks {row['sanity_wall_s']:.1f} s"
     )
     if row["robust_by_attack"] != "-":
         print(f"per attack (robust %): {row['robust_by_attack']}")
     if row["sanity"] not in ("ok", "not run"):
         print(f"WARNING: {row['defense']}: sanity check {row['sanity']}", file=sys.stderr)
-    print(f"leaderboard: {leaderboard_dir} ({len(table)} rows); per-image results: {runs}")
+    print(f"leaderboard: {leaderboard_dir}; per-image results: {store_path} (setup {row['setup_hash'][:12]})")
 
 
 def _check_writable(directory: Path) -> None:
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / ".write-test"
-        probe.touch()
-        probe.unlink()
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):  # unique: ranks probe at once
+            pass
     except OSError as exc:
         raise UserError(f"cannot write to {directory}: {exc.strerror}") from None
 
@@ -251,7 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--defense-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="defense setting, e.g. t_l=150 or mask.tau=0.85 (repeatable)")
     p.add_argument("--leaderboard-dir", default="leaderboards")
-    p.add_argument("--runs-dir", default="runs", help="where per-image results go")
+    p.add_argument("--store", help="the SQLite result store (default LEADERBOARD_DIR/results.sqlite); "
+                   "rerunning a command computes only what is not in it yet")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: this process's GPU when there is one (torchrun: LOCAL_RANK), else the CPU")
     p.set_defaults(func=cmd_run)
 
     p = commands.add_parser("train-denoiser", help="train (or resume) the small eps-prediction denoiser")
@@ -291,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {' '.join(str(exc).split())}", file=sys.stderr)  # always one line
         return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)

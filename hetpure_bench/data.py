@@ -203,6 +203,8 @@ def _load_image_tar(path: Path, split: str) -> LabelledImages:
                 for m, p in zip(members, paths)
                 if _class_of(p) is not None and (not has_splits or p.parts[0] == split)
             ]
+    except tarfile.ReadError:
+        raise DataNotFoundError(f"cannot read image tar {path}: not a tar archive, or truncated") from None
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise DataNotFoundError(f"cannot read image tar {path}: {exc}") from None
     copy_checksum = JPEG_COPY_CHECKSUMS.get(path.stem)

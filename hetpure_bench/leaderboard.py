@@ -1,4 +1,5 @@
-"""Leaderboard files: one row per setup; a rerun of the same setup replaces its own row."""
+"""Leaderboard files, generated from the result store: one row per setup, per data source and
+threat model."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ SETUP_COLUMNS = [
     "defense", "defense_config", "classifier", "diffusion_model", "data_source", "threat", "eps",
     "attack", "gradient_mode", "evaluation", "n_images", "seed",
 ]
-RESULT_COLUMNS = ["clean_acc", "robust_acc", "robust_by_attack", "nfe", "wall_s", "sanity"]
-COLUMNS = SETUP_COLUMNS + RESULT_COLUMNS
+RESULT_COLUMNS = ["clean_acc", "robust_acc", "robust_by_attack", "sanity"]
+# What a row cost (measured, so never identical between two runs of the same setup).
+COST_COLUMNS = ["nfe", "wall_s", "images_per_s", "peak_mem_mib", "device"]
+COLUMNS = SETUP_COLUMNS + RESULT_COLUMNS + COST_COLUMNS
 
 
 def setup_key(row: dict) -> str:
@@ -26,21 +29,25 @@ def leaderboard_stem(data_source: str, threat: str) -> str:
     return f"{data_source}-{threat}"
 
 
-def merge_row(directory: Path, row: dict) -> pd.DataFrame:
-    """Merge ``row`` into ``directory/<data>-<threat>.csv`` and ``.md``; return the new table."""
-    csv_path = Path(directory) / f"{leaderboard_stem(row['data_source'], row['threat'])}.csv"
-    new = pd.DataFrame([{column: row[column] for column in COLUMNS}])
-    if csv_path.exists():
-        old = pd.read_csv(csv_path, dtype={c: str for c in SETUP_COLUMNS}, keep_default_na=False)
-        old = old.reindex(columns=COLUMNS, fill_value="not recorded")  # files from older versions
-        old = old[old.apply(setup_key, axis=1, result_type="reduce") != setup_key(row)]
-        table = pd.concat([old, new.astype({c: str for c in SETUP_COLUMNS})], ignore_index=True)
-    else:
-        table = new
-    table = table.sort_values(["robust_acc", "clean_acc"], ascending=False, kind="stable", ignore_index=True)
-    write_text_atomic(csv_path, table.to_csv(index=False))
-    write_text_atomic(csv_path.with_suffix(".md"), to_markdown(table, csv_path.stem))
-    return table
+def leaderboard_table(rows: list[dict], data_source: str, threat: str) -> pd.DataFrame:
+    """The rows of one data source and threat model, best robust accuracy first; of rows with
+    the same labels (a setup rerun with, e.g., another batch size) the newest one."""
+    latest = {setup_key(r): r for r in rows if r["data_source"] == data_source and r["threat"] == threat}
+    table = pd.DataFrame([{c: r[c] for c in COLUMNS} for r in latest.values()], columns=COLUMNS)
+    return table.sort_values(["robust_acc", "clean_acc"], ascending=False, kind="stable", ignore_index=True)
+
+
+def write_leaderboards(rows: list[dict], directory: Path) -> list[Path]:
+    """``directory/<data>-<threat>.csv`` and ``.md`` for every data source and threat model in
+    ``rows`` (the result store's rows, oldest first), each written atomically."""
+    written = []
+    for data_source, threat in sorted({(r["data_source"], r["threat"]) for r in rows}):
+        table = leaderboard_table(rows, data_source, threat)
+        csv_path = Path(directory) / f"{leaderboard_stem(data_source, threat)}.csv"
+        write_text_atomic(csv_path, table.to_csv(index=False))
+        write_text_atomic(csv_path.with_suffix(".md"), to_markdown(table, csv_path.stem))
+        written.append(csv_path)
+    return written
 
 
 def to_markdown(table: pd.DataFrame, title: str) -> str:
@@ -54,7 +61,9 @@ def to_markdown(table: pd.DataFrame, title: str) -> str:
         "data, attack, gradient mode or evaluation mode are not comparable. robust_acc is the "
         "per-image worst case over the attacks of a row (robust_by_attack lists each one's own). "
         "A row whose sanity cell is not 'ok' failed a sanity check (gradient masking or a broken "
-        "evaluation is possible): do not trust its robust accuracy.\n\n"
+        "evaluation is possible): do not trust its robust accuracy. Cost: nfe = diffusion-network calls "
+        "per purification; wall_s = seconds of attack + evaluation summed over batches (sanity checks "
+        "excluded); peak_mem_mib = peak process RSS on CPU, max allocated on CUDA.\n\n"
     )
     return f"# Leaderboard: {title}\n\n{note}{header}" + "\n".join(lines) + "\n"
 
@@ -64,4 +73,6 @@ def _format(column: str, value) -> str:
         return f"{100 * float(value):.1f}"
     if column == "wall_s":
         return f"{float(value):.1f}"
+    if column == "images_per_s":
+        return f"{float(value):.3g}"
     return str(value).replace("|", "/")

@@ -1,9 +1,7 @@
-"""The benchmark runner: one defense, one attack, one evaluation mode, on a seeded image subset.
+"""The benchmark runner: one defense, one attack, some evaluation modes, on a seeded image subset.
 
-Noise discipline: before each evaluation of a batch the defense is reseeded from (seed, first
-image index, purpose). Clean and adversarial predictions share their seed (common random
-numbers: with eps = 0 robust accuracy equals clean accuracy exactly); the attack's own passes
-use a different seed, so the attacker never sees the evaluation noise.
+Every batch's results are committed to the result store (store.py) before the next batch starts;
+rows and leaderboards are built from the store. Noise discipline: see evaluate_batch.
 """
 
 from __future__ import annotations
@@ -13,7 +11,6 @@ import hashlib
 import time
 from dataclasses import dataclass, field
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -31,8 +28,12 @@ from .defenses import DEFENSES, build_defense, defense_config, load_entry_point_
 from .defenses.base import Defense
 from .diffusion.zoo import DIFFUSION_MODELS, load_diffusion_model
 from .errors import UserError
+from .distributed import Ranks, all_gather, barrier, gather_to_main
 from .evaluation import parse_evaluation_mode, predict
+from .noise import stream_seed
+from .peak_memory import PeakMemory
 from .sanity import SanityConfig, run_sanity_checks, summarise
+from .store import ResultStore, setup_hash
 
 
 def parse_eps(value: Any) -> float:
@@ -119,11 +120,6 @@ def sanity_config(spec: RunSpec) -> SanityConfig:
         raise UserError(f"bad sanity setting: {exc}") from None
 
 
-def derived_seed(seed: int, index: int, purpose: str) -> int:
-    digest = hashlib.sha256(f"{seed}:{index}:{purpose}".encode()).hexdigest()
-    return int(digest[:15], 16)
-
-
 def attack_and_evaluate(
     defense: Defense,
     target: torch.nn.Module,
@@ -134,8 +130,8 @@ def attack_and_evaluate(
     spec: RunSpec,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Per-image results of ``defense`` under the spec's one evaluation mode (see evaluate_modes)."""
-    frames, _ = evaluate_modes(defense, target, attacks, images, labels, indices, spec, [spec.evaluation], progress)
+    """Per-image results of ``defense`` under the spec's one evaluation mode (see evaluate_batch)."""
+    frames = evaluate_modes(defense, target, attacks, images, labels, indices, spec, [spec.evaluation], progress)
     return frames[spec.evaluation]
 
 
@@ -149,40 +145,63 @@ def evaluate_modes(
     spec: RunSpec,
     modes: list[str],
     progress: bool = True,
-) -> tuple[dict[str, pd.DataFrame], dict[str, float]]:
-    """Attack once, then judge the same adversarial examples under each evaluation mode.
+) -> dict[str, pd.DataFrame]:
+    """evaluate_batch over the images in batches of ``spec.batch_size``; per-image frames per mode."""
+    records: dict[str, list] = {mode: [] for mode in modes}
+    for start in tqdm(range(0, len(labels), spec.batch_size), desc=f"{spec.defense}: attack + evaluate",
+                      unit="batch", disable=not progress):
+        stop = start + spec.batch_size
+        batch, _ = evaluate_batch(defense, target, attacks, images[start:stop], labels[start:stop],
+                                  indices[start:stop], spec.seed, modes, progress)
+        for mode in modes:
+            records[mode].extend(batch[mode])
+    return {mode: pd.DataFrame(rows) for mode, rows in records.items()}
+
+
+def evaluate_batch(
+    defense: Defense,
+    target: torch.nn.Module,
+    attacks: list[Attack],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    indices: torch.Tensor,
+    seed: int,
+    modes: list[str],
+    progress: bool = False,
+) -> tuple[dict[str, list[dict]], dict]:
+    """Attack one batch once, then judge the same adversarial examples under each evaluation mode.
 
     Per mode, per image: clean and adversarial predictions of ``defense``; ``target`` is what
     the attacks differentiate (the defense itself, its surrogate, BPDA, ...). An image is robust
     when its clean prediction and its prediction on every attack's example are correct (per-image
     worst case over the attacks); ``adv_pred`` is the prediction on the first example that broke
-    it. Also returns the seconds spent attacking ("attack") and evaluating (per mode).
+    it. Noise comes from per-image streams seeded from (seed, image index, purpose): the attack's
+    passes and the evaluation use different purposes, so the attacker never sees the evaluation
+    noise, and the clean and every adversarial evaluation share theirs (common random numbers:
+    at eps = 0 the adversarial predictions equal the clean ones exactly). Also returns the
+    seconds spent attacking ("attack_s") and evaluating ("eval_s" per mode).
     """
-    records: dict[str, list] = {mode: [] for mode in modes}
-    seconds = dict.fromkeys(["attack", *modes], 0.0)
-    batches = range(0, len(labels), spec.batch_size)
-    for start in tqdm(batches, desc=f"{spec.defense}: attack + evaluate", unit="batch", disable=not progress):
-        x, y = images[start:start + spec.batch_size], labels[start:start + spec.batch_size]
+    index_list = [int(i) for i in indices]
+    started = time.perf_counter()
+    examples = []
+    for attack in attacks:
+        for module in {defense, target}:
+            module.reseed([stream_seed(seed, i, "attack") for i in index_list])
+        x_adv = attack.perturb(target, x, y, progress=progress)
+        if (perturbation_size(x_adv - x, attack.norm) > attack.eps * (1 + 1e-5) + 1e-7).any() or x_adv.min() < 0 or x_adv.max() > 1:
+            raise RuntimeError(f"{attack.name} left the {attack.norm} eps-ball or the [0,1] box")  # a bug, never a result
+        examples.append(x_adv)
+    cost = {"attack_s": time.perf_counter() - started, "eval_s": {}}
+    records = {}
+    for mode in modes:
         started = time.perf_counter()
-        examples = []
-        for attack in attacks:
-            for module in {defense, target}:
-                module.reseed(derived_seed(spec.seed, start, "attack"))
-            x_adv = attack.perturb(target, x, y, progress=progress)
-            if (perturbation_size(x_adv - x, attack.norm) > attack.eps * (1 + 1e-5) + 1e-7).any() or x_adv.min() < 0 or x_adv.max() > 1:
-                raise RuntimeError(f"{attack.name} left the {attack.norm} eps-ball or the [0,1] box")  # a bug, never a result
-            examples.append(x_adv)
-        seconds["attack"] += time.perf_counter() - started
-        for mode in modes:
-            started = time.perf_counter()
-            # Common random numbers: the clean and every adversarial evaluation share their seed.
-            predictions = []
-            for inputs in [x, *examples]:
-                defense.reseed(derived_seed(spec.seed, start, "evaluate"))
-                predictions.append(predict(defense, inputs, y, mode))
-            records[mode].extend(_records(predictions[0], predictions[1:], y, indices[start:start + len(y)]))
-            seconds[mode] += time.perf_counter() - started
-    return {mode: pd.DataFrame(rows) for mode, rows in records.items()}, seconds
+        predictions = []
+        for inputs in [x, *examples]:
+            defense.reseed([stream_seed(seed, i, "evaluate") for i in index_list])
+            predictions.append(predict(defense, inputs, y, mode))
+        records[mode] = _records(predictions[0], predictions[1:], y, indices)
+        cost["eval_s"][mode] = time.perf_counter() - started
+    return records, cost
 
 
 def _records(clean: torch.Tensor, adversarial: list[torch.Tensor], y: torch.Tensor, indices: torch.Tensor) -> list[dict]:
@@ -213,67 +232,184 @@ def evaluation_modes(spec: RunSpec) -> list[str]:
     return modes
 
 
-def run(spec: RunSpec, progress: bool = True, cache: dict | None = None) -> list[tuple[dict, pd.DataFrame]]:
-    """Run one benchmark setup; returns (row, per-image results) per evaluation mode.
+# Part of every setup hash: bump when a change of the code changes results (2: per-image noise
+# streams), so a store never mixes results of different code.
+RESULTS_VERSION = 2
 
-    ``cache`` (a dict kept by the caller) shares loaded data and networks between the rows of
-    one invocation.
-    """
-    validate(spec)
-    cache = {} if cache is None else cache
 
-    def cached(key, load):
+@dataclass
+class Loaded:
+    """What a row runs on, loaded once per invocation and shared between its rows."""
+
+    data: Any
+    classifier: torch.nn.Module
+    diffusion: torch.nn.Module | None
+
+
+def load(spec: RunSpec, device: torch.device, cache: dict) -> Loaded:
+    def cached(key, loader):
         if key not in cache:
-            cache[key] = load()
+            cache[key] = loader()
         return cache[key]
 
     data = cached(("data", spec.data, spec.n_images, spec.seed),
                   lambda: load_cifar10(spec.data, split="test").subset(spec.n_images, spec.seed))
-    classifier = cached(("classifier", spec.classifier), lambda: load_classifier(spec.classifier))
-    defense_cls = DEFENSES.build(spec.defense)
-    diffusion = (
-        cached(("diffusion", spec.diffusion_model), lambda: load_diffusion_model(spec.diffusion_model))
-        if defense_cls.needs_diffusion else None
-    )
-    defense = build_defense(spec.defense, classifier, diffusion, spec.defense_overrides, spec.seed, spec.threat)
-    temperature = mask_temperature(spec.attack)
-    target = attack_model(defense, spec.gradient, temperature)
-    attacks = build_attacks(spec.attack, spec.threat, spec.eps, spec.seed)
-    images, modes = data.as_float(), evaluation_modes(spec)
+    classifier = cached(("classifier", spec.classifier, device), lambda: load_classifier(spec.classifier).to(device))
+    diffusion = None
+    if DEFENSES.build(spec.defense).needs_diffusion:
+        diffusion = cached(("diffusion", spec.diffusion_model, device),
+                           lambda: load_diffusion_model(spec.diffusion_model).to(device))
+    return Loaded(data, classifier, diffusion)
 
-    frames, seconds = evaluate_modes(defense, target, attacks, images, data.labels, data.index, spec, modes, progress)
-    started = time.perf_counter()
-    checks = sanity_checks(defense, target, attacks, classifier, images, data.labels, data.index, spec, frames)
-    sanity_wall = time.perf_counter() - started
-    results = []
-    for mode in modes:
-        per_image = frames[mode]
-        row = {
-            "defense": spec.defense,
-            "defense_config": defense.describe() or "-",
-            "classifier": spec.classifier,
-            "diffusion_model": diffusion_label(spec.diffusion_model, diffusion),
-            "data_source": data.source,
-            "threat": spec.threat,
-            "eps": f"{spec.eps:.6g}",
-            "attack": attack_label(attacks, temperature),
-            "gradient_mode": spec.gradient,
-            "evaluation": mode,
-            "n_images": len(per_image),
-            "seed": spec.seed,
-            "clean_acc": per_image["clean_correct"].mean(),
-            "robust_acc": per_image["robust_correct"].mean(),
-            "robust_by_attack": robust_by_attack(per_image, attacks),
-            "nfe": defense.nfe,
-            # What this row would cost alone: the (shared) attack plus its own evaluation.
-            "wall_s": round(seconds["attack"] + seconds[mode], 1),
-            "sanity": summarise(checks[mode]) if checks[mode] else "not run",
-            "sanity_checks": [dataclasses.asdict(c) for c in checks[mode]],
-            "sanity_wall_s": round(sanity_wall, 1),
-            "preset": spec.preset,
-        }
-        results.append((row, per_image))
-    return results
+
+def setup_record(spec: RunSpec, loaded: Loaded, defense: Defense, attacks: list[Attack], device: torch.device) -> dict:
+    """Every setting that can change a result: the store's key (its sha256) and the row's labels."""
+    return {
+        "results_version": RESULTS_VERSION,
+        "defense": spec.defense,
+        "defense_config": defense.describe() or "-",
+        "classifier": spec.classifier,
+        "diffusion_model": diffusion_label(spec.diffusion_model, loaded.diffusion),
+        "data_source": loaded.data.source,
+        "image_indices_sha256": hashlib.sha256(loaded.data.index.numpy().tobytes()).hexdigest(),
+        "threat": spec.threat,
+        "eps": f"{spec.eps:.6g}",
+        "attack": attack_label(attacks, mask_temperature(spec.attack)),
+        "attack_settings": spec.attack,
+        "gradient_mode": spec.gradient,
+        "evaluation_modes": evaluation_modes(spec),
+        "n_images": len(loaded.data),
+        "seed": spec.seed,
+        "batch_size": spec.batch_size,  # AutoAttack's results depend on the batch (noise.py)
+        "sanity": dataclasses.asdict(sanity_config(spec)),
+        "device_type": device.type,  # CPU and GPU kernels round differently
+        "preset": spec.preset,
+    }
+
+
+def run(
+    spec: RunSpec,
+    store: ResultStore | None,
+    progress: bool = True,
+    cache: dict | None = None,
+    ranks: Ranks = Ranks(),
+    device: torch.device = torch.device("cpu"),
+    shard: ResultStore | None = None,
+) -> list[dict]:
+    """Run one benchmark setup through the result store; returns its rows (one per evaluation
+    mode) on rank 0 and [] on other ranks.
+
+    ``store`` is the main result store, opened by rank 0 only (None on other ranks); in a
+    distributed run every rank commits to its own ``shard`` store (distributed.py), whose copy
+    of this setup is dropped once rank 0 has merged it.
+
+    Batches already in the store (or in this rank's shard file) are skipped, so rerunning after
+    a crash computes only what is missing. ``cache`` (a dict kept by the caller) shares loaded
+    data and networks between the rows of one invocation.
+    """
+    validate(spec)
+    loaded = load(spec, device, {} if cache is None else cache)
+    defense = build_defense(spec.defense, loaded.classifier, loaded.diffusion, spec.defense_overrides, spec.seed, spec.threat)
+    target = attack_model(defense, spec.gradient, mask_temperature(spec.attack))
+    attacks = build_attacks(spec.attack, spec.threat, spec.eps, spec.seed)
+    setup = setup_record(spec, loaded, defense, attacks, device)
+    key = setup_hash(setup)
+
+    shard = shard if ranks.distributed else store
+    for s in {store, shard} - {None}:
+        s.register(key, setup)
+    mine = _my_batches(spec, len(loaded.data), key, store, shard, ranks)
+    images, labels, indices = loaded.data.as_float(), loaded.data.labels, loaded.data.index
+    label = f"{spec.defense}" + (f" [rank {ranks.rank}/{ranks.world_size}]" if ranks.distributed else "")
+    for start in tqdm(mine, desc=f"{label}: attack + evaluate", unit="batch", disable=not progress):
+        stop = start + spec.batch_size
+        with PeakMemory(device) as peak:
+            records, cost = evaluate_batch(
+                defense, target, attacks, images[start:stop].to(device), labels[start:stop].to(device),
+                indices[start:stop], spec.seed, setup["evaluation_modes"], progress,
+            )
+        shard.commit_batch(key, start, records, {**cost, "peak_mib": peak.mib, "device": device_name(device), "rank": ranks.rank})
+    if ranks.distributed:
+        _merge_shards(key, store, shard, ranks)
+        barrier(ranks)  # rank 0 has committed every batch: the shards' copies can go
+        shard.forget(key)
+        if not ranks.is_main:
+            return []
+    return finish_rows(key, store, loaded, defense, target, attacks, spec, device)
+
+
+def _my_batches(spec: RunSpec, n: int, key: str, store: ResultStore | None, shard: ResultStore, ranks: Ranks) -> list[int]:
+    """The batches this rank computes: those in no store yet, dealt round-robin over the ranks."""
+    done = shard.done_batches(key) | (store.done_batches(key) if store is not None else set())
+    done = set().union(*all_gather(ranks, done))
+    starts = range(0, n, spec.batch_size)
+    pending = [s for s in starts if s not in done]
+    if done and ranks.is_main:
+        print(f"{spec.defense}: {len(starts) - len(pending)} of {len(starts)} batches already in the store"
+              + (", computing the rest" if pending else ""))
+    return pending[ranks.rank::ranks.world_size]
+
+
+def _merge_shards(key: str, store: ResultStore | None, shard: ResultStore, ranks: Ranks) -> None:
+    """Rank 0 commits every rank's batches of this setup into the main store."""
+    gathered = gather_to_main(ranks, shard.batches(key))
+    if gathered is None:
+        return
+    have = store.done_batches(key)
+    for batches in gathered:
+        for start, records, cost in batches:
+            if start not in have:
+                store.commit_batch(key, start, records, cost)
+                have.add(start)
+
+
+def finish_rows(key, store, loaded, defense, target, attacks, spec, device) -> list[dict]:
+    """Sanity checks (once per setup, kept in the store) and the rows, built from the store."""
+    setup, modes = store.setup(key), evaluation_modes(spec)
+    frames = {mode: store.per_image(key, mode) for mode in modes}
+    if len(frames[modes[0]]) != len(loaded.data):
+        raise RuntimeError(f"store {store.path} holds {len(frames[modes[0]])} of {len(loaded.data)} results")
+    if store.sanity(key) is None:
+        started = time.perf_counter()
+        checks = sanity_checks(defense, target, attacks, loaded.classifier, loaded.data.as_float().to(device),
+                               loaded.data.labels.to(device), loaded.data.index, spec, frames)
+        store.save_sanity(key, {m: [dataclasses.asdict(c) for c in cs] for m, cs in checks.items()},
+                          time.perf_counter() - started)
+    checks, sanity_wall = store.sanity(key)
+    costs = store.batch_costs(key)
+    rows = {mode: make_row(setup, mode, frames[mode], costs, checks[mode], sanity_wall, defense.nfe, attacks) for mode in modes}
+    store.save_rows(key, rows)
+    return [{**row, "setup_hash": key} for row in rows.values()]
+
+
+def make_row(setup: dict, mode: str, per_image: pd.DataFrame, costs: list[dict], checks: list[dict],
+             sanity_wall: float, nfe: int, attacks: list[Attack]) -> dict:
+    """One leaderboard row: the setup's labels, the accuracies and what the row cost."""
+    # What this row would cost alone: the (shared) attack plus its own evaluation, summed over
+    # batches (device-seconds: in a sharded run, the sum over the ranks).
+    wall = sum(c["attack_s"] + c["eval_s"][mode] for c in costs)
+    return {
+        **{k: setup[k] for k in ("defense", "defense_config", "classifier", "diffusion_model", "data_source",
+                                 "threat", "eps", "attack", "gradient_mode", "n_images", "seed", "preset")},
+        "evaluation": mode,
+        "clean_acc": float(per_image["clean_correct"].mean()),
+        "robust_acc": float(per_image["robust_correct"].mean()),
+        "robust_by_attack": robust_by_attack(per_image, attacks),
+        "nfe": nfe,
+        "wall_s": round(wall, 2),
+        "images_per_s": round(len(per_image) / wall, 4) if wall > 0 else float("nan"),
+        "peak_mem_mib": round(max(c["peak_mib"] for c in costs)),
+        "device": " + ".join(sorted({c["device"] for c in costs})),
+        "sanity": summarise(checks) if checks else "not run",
+        "sanity_checks": checks,
+        "sanity_wall_s": round(sanity_wall, 1),
+    }
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
 
 
 def diffusion_label(name: str, diffusion) -> str:
@@ -311,7 +447,7 @@ def sanity_checks(
             memo[key] = evaluate_modes(
                 defense if other_defense is None else other_defense, target if other_target is None else other_target,
                 attacks_, x, y, index, slice_spec, modes, progress=False,
-            )[0]
+            )
         return memo[key]
 
     checks = {}

@@ -14,7 +14,7 @@ A failed check flags the row; it never changes its numbers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -122,9 +122,11 @@ def gradient_check(target: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Check
     )
 
 
-def summarise(results: list[CheckResult]) -> str:
-    """The leaderboard's sanity cell: "ok", or the failed checks with their details."""
-    failed = [r for r in results if not r.passed]
+def summarise(results: list[CheckResult] | list[dict]) -> str:
+    """The leaderboard's sanity cell: "ok", or the failed checks with their details (from the
+    results or their stored dicts)."""
+    failed = [r if isinstance(r, dict) else asdict(r) for r in results]
+    failed = [r for r in failed if not r["passed"]]
     if not failed:
         return "ok"
-    return "FAILED: " + "; ".join(f"{r.name} ({r.detail})" for r in failed)
+    return "FAILED: " + "; ".join(f"{r['name']} ({r['detail']})" for r in failed)

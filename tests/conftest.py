@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
+import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from hetpure_bench.data import CLASSES
 
@@ -36,6 +39,20 @@ def random_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """n random uint8 images (n, 3, 32, 32) and labels cycling through 0..9."""
     rng = np.random.RandomState(seed)
     return rng.randint(0, 256, (n, 3, 32, 32), dtype=np.uint8), np.arange(n) % len(CLASSES)
+
+
+def write_image_tar(path: Path, n: int, split: str, seed: int = 0) -> Path:
+    """n random PNG images in a .tar of ``<split>/<class>/<i>.png`` folders (the JPEG copy's layout)."""
+    images, labels = random_images(n, seed)
+    with tarfile.open(path, "w") as tar:
+        for i, (image, label) in enumerate(zip(images, labels)):
+            blob = io.BytesIO()
+            Image.fromarray(image.transpose(1, 2, 0)).save(blob, format="PNG")
+            info = tarfile.TarInfo(f"{split}/{CLASSES[label]}/{i:04d}.png")
+            info.size = blob.tell()
+            blob.seek(0)
+            tar.addfile(info, blob)
+    return path
 
 
 def write_pickle_batch(path: Path, images: np.ndarray, labels: np.ndarray) -> None:

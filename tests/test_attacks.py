@@ -9,6 +9,7 @@ from hetpure_bench.attacks.threat import perturbation_size
 from hetpure_bench.attacks.torchattacks_adapter import TorchAttack
 from hetpure_bench.defenses import build_defense
 from hetpure_bench.errors import UserError
+from hetpure_bench.noise import randn_like
 from linear_models import FixedDefense, linear_problem, linf_breakable
 from tiny_models import tiny_models
 
@@ -46,7 +47,7 @@ class NoisyLinear(FixedDefense):
         self.draws = []
 
     def purify(self, x01):
-        noise = torch.randn(x01.shape, generator=self.generator(x01.device))
+        noise = randn_like(x01, self.generator(x01))
         self.draws.append(noise)
         return x01 + 0.01 * noise
 

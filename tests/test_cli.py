@@ -1,10 +1,12 @@
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 
 from hetpure_bench.cli import main
 from hetpure_bench.diffusion.networks import load_unet_safetensors
+from hetpure_bench.store import ResultStore
 from test_training import _train_tar
 
 
@@ -62,18 +64,26 @@ def test_train_denoiser_command_trains_resumes_and_exports(tmp_path, capsys):
 
 def test_run_command_writes_leaderboard_and_per_image_results(tmp_path, shared_jpeg, capsys):
     common = ["--data", str(shared_jpeg), "-n", "2", "--steps", "1", "--eot", "1", "--batch-size", "2",
-              "--leaderboard-dir", str(tmp_path / "lb"), "--runs-dir", str(tmp_path / "runs")]
+              "--leaderboard-dir", str(tmp_path / "lb"), "--sanity-images", "1"]
     assert main(["run", "--defense", "hetpure", "--defense-arg", "stride=100", "--evaluation", "single,worst:2"] + common) == 0
     assert main(["run", "--defense", "none"] + common) == 0
     out = capsys.readouterr().out
-    assert "hetpure [t_l=200 t_s=100 stride=100" in out and "NFE 2" in out
-    csv = (tmp_path / "lb" / "cifar10-jpeg-Linf.csv").read_text()
-    assert csv.count("\n") == 4 and "resnet18-pyautoattack" in csv and "PGD-EOT(Linf, 1 steps, EOT 1)" in csv
-    assert ",single," in csv and ",worst:2," in csv  # one attack, a row per evaluation mode
-    folders = sorted((tmp_path / "runs").glob("hetpure-cifar10-jpeg-Linf-seed0-*"))
-    assert len(folders) == 2  # one per evaluation mode: rows never overwrite each other
-    per_image = (folders[0] / "per_image.csv").read_text()
-    assert per_image.splitlines()[0] == "index,label,clean_pred,adv_pred,clean_correct,robust_correct"
+    assert "hetpure [t_l=200 t_s=100 stride=100" in out and "NFE 2" in out and "images/s, peak" in out
+    csv = pd.read_csv(tmp_path / "lb" / "cifar10-jpeg-Linf.csv")
+    assert len(csv) == 3 and set(csv.classifier) == {"resnet18-pyautoattack"}
+    assert set(csv.attack) == {"PGD-EOT(Linf, 1 steps, EOT 1)"}
+    assert sorted(csv.evaluation) == ["single", "single", "worst:2"]  # one attack, a row per evaluation mode
+    hetpure = csv[csv.defense == "hetpure"]
+    assert (hetpure.wall_s > 0).all() and (hetpure.images_per_s > 0).all() and (csv.peak_mem_mib > 100).all()
+    assert csv.device.str.startswith("cpu").all() and (csv.sanity == "ok").all()
+    with ResultStore(tmp_path / "lb" / "results.sqlite") as store:
+        rows = store.rows()
+        assert len(rows) == 3
+        per_image = store.per_image(rows[0]["setup_hash"], "single")
+        assert per_image.columns.tolist() == ["index", "label", "clean_pred", "adv_pred", "clean_correct", "robust_correct"]
+        assert len(per_image) == 2
+    assert main(["run", "--defense", "none"] + common) == 0  # nothing left to compute
+    assert "1 of 1 batches already in the store" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -110,3 +120,54 @@ def test_run_refuses_an_unwritable_leaderboard_dir(tmp_path, capsys):
 def test_run_several_defenses_validates_all_before_running(capsys):
     assert main(["run", "--defense", "none,hetpure,repaint-x"]) == 2
     assert "unknown defense 'repaint-x'" in capsys.readouterr().err
+
+
+def _existing_results(folder):
+    """A leaderboard folder with one finished row in its store, as an earlier run leaves it."""
+    from hetpure_bench.leaderboard import write_leaderboards
+    from test_leaderboard import _row
+
+    with ResultStore(folder / "results.sqlite") as store:
+        store.save_rows("earlier", {"single": _row()})
+        write_leaderboards(store.rows(), folder)
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_every_bad_input_is_one_line_exit_2_and_leaves_earlier_results_alone(tmp_path, capsys):
+    from conftest import write_image_tar
+    from hetpure_bench.classifiers import robustbench_file
+
+    lb = tmp_path / "lb"
+    lb.mkdir()
+    before = _existing_results(lb)
+    data = write_image_tar(tmp_path / "test.tar", 4, "test")
+    garbage = tmp_path / "garbage.tar"
+    garbage.write_bytes(b"\x00not a tar" * 50)
+    checkpoint = robustbench_file("Standard", "Linf")
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.write_bytes(b"PK\x03\x04 truncated torch zip")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    not_a_store = tmp_path / "not-a-store.sqlite"
+    not_a_store.write_bytes(b"garbage" * 100)
+    run = ["run", "--defense", "hetpure", "-n", "2", "--leaderboard-dir", str(lb)]
+    cases = [
+        (["--defense", "hetpur"], "did you mean 'hetpure'"),
+        (["--classifier", "resnet-18"], "unknown classifier"),
+        (["--diffusion-model", "ddpm"], "unknown diffusion model"),
+        (["--eps=-1/255"], "out of range for Linf"),
+        (["--threat", "L2", "--eps", "100"], "out of range for L2"),
+        (["--data", str(tmp_path / "missing")], "does not exist"),
+        (["--data", str(garbage)], "cannot read image tar"),
+        (["--data", str(data), "--classifier", "wrn-28-10-standard"], "corrupt or truncated"),
+        (["--data", str(data), "--store", str(blocker / "results.sqlite")], "cannot write"),
+        (["--data", str(data), "--store", str(not_a_store)], "cannot open the result store"),
+        (["--data", str(data), "-n", "0"], "must be >= 1"),
+        (["--data", str(data), "-n", "5"], "cannot draw 5 images"),
+    ]
+    for extra, message in cases:
+        assert main(run + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (extra, err)
+        assert {p.name: p.read_bytes() for p in lb.iterdir()} == before, extra
+    assert not_a_store.read_bytes() == b"garbage" * 100

@@ -8,7 +8,8 @@ from hetpure_bench.defenses.diffpure import DiffPure, DiffPureConfig
 from hetpure_bench.defenses.hetpure import HeterogeneousPurifier, HetPureConfig
 from hetpure_bench.diffusion import sampling
 from hetpure_bench.diffusion.sampling import ddim_sample
-from hetpure_bench.diffusion.schedule import VPSchedule, q_forward, q_sample, randn_like, timestep_grid
+from hetpure_bench.diffusion.schedule import VPSchedule, q_forward, q_sample, timestep_grid
+from hetpure_bench.noise import randn_like
 from hetpure_bench.errors import UnknownNameError, UserError
 from tiny_models import tiny_models
 

@@ -7,8 +7,7 @@ from hetpure_bench.attacks.pgd_eot import PGDEOT
 from hetpure_bench.defenses import build_defense
 from hetpure_bench.errors import UserError
 from hetpure_bench.evaluation import majority_vote, parse_evaluation_mode, predict
-from hetpure_bench.leaderboard import COLUMNS, merge_row
-from hetpure_bench.runner import RunSpec, attack_and_evaluate, parse_eps, spec_from_preset, validate
+from hetpure_bench.runner import RunSpec, attack_and_evaluate, evaluate_modes, parse_eps, spec_from_preset, validate
 from tiny_models import tiny_models
 
 
@@ -27,6 +26,21 @@ def test_eps_zero_gives_robust_equal_to_clean(evaluation):
     per_image = attack_and_evaluate(defense, defense, [attack], x, y, index, spec, progress=False)
     assert per_image["robust_correct"].tolist() == per_image["clean_correct"].tolist()
     assert (per_image["adv_pred"] == per_image["clean_pred"]).all()
+
+
+def test_per_image_results_do_not_depend_on_the_batch_size():
+    classifier, diffusion = tiny_models()
+    defense = build_defense("hetpure", classifier, diffusion, {"t_l": 40, "t_s": 20, "stride": 20})
+    x, y, index = _data()
+    attack = PGDEOT(eps=0.05, step_size=0.02, steps=2, eot=2)
+    frames = [
+        evaluate_modes(defense, defense, [attack], x, y, index * 7, RunSpec(defense="hetpure", batch_size=b),
+                       ["single", "worst:3"], progress=False)
+        for b in (6, 4, 1)
+    ]
+    for other in frames[1:]:
+        for mode in ("single", "worst:3"):
+            pd.testing.assert_frame_equal(frames[0][mode], other[mode])
 
 
 def test_attack_lowers_accuracy_of_the_bare_classifier():
@@ -116,32 +130,6 @@ def test_bad_attack_settings_are_refused_before_running():
         validate(spec_from_preset("smoke", "hetpure", sanity={"slices": 3}))
 
 
-def _row(**changes):
-    row = {
-        "defense": "hetpure", "defense_config": "t_l=200", "classifier": "c", "diffusion_model": "d",
-        "data_source": "cifar10-jpeg", "threat": "Linf", "eps": "0.0313725", "attack": "PGD-EOT",
-        "gradient_mode": "full", "evaluation": "single", "n_images": 32, "seed": 0,
-        "clean_acc": 0.8, "robust_acc": 0.5, "robust_by_attack": "-", "nfe": 10, "wall_s": 12.0, "sanity": "ok",
-    }
-    row.update(changes)
-    return row
-
-
-def test_leaderboard_rerun_replaces_its_own_row(tmp_path):
-    merge_row(tmp_path, _row())
-    merge_row(tmp_path, _row(defense="none", robust_acc=0.0, nfe=0))
-    table = merge_row(tmp_path, _row(robust_acc=0.6, wall_s=11.0))  # same setup, new numbers
-    assert len(table) == 2
-    csv = pd.read_csv(tmp_path / "cifar10-jpeg-Linf.csv")
-    assert list(csv.columns) == COLUMNS
-    assert csv.loc[csv.defense == "hetpure", "robust_acc"].tolist() == [0.6]
-    assert csv.defense.tolist() == ["hetpure", "none"]  # sorted by robust accuracy
-    markdown = (tmp_path / "cifar10-jpeg-Linf.md").read_text()
-    assert "| hetpure | t_l=200 | c | d | cifar10-jpeg | Linf | 0.0313725 | PGD-EOT | full | single | 32 | 0 | 80.0 | 60.0 | - | 10 | 11.0 | ok |" in markdown
-    merge_row(tmp_path, _row(seed=1))  # another seed is another setup
-    assert len(pd.read_csv(tmp_path / "cifar10-jpeg-Linf.csv")) == 3
-
-
 def test_several_attacks_count_an_image_robust_only_if_it_survives_all():
     from hetpure_bench.runner import robust_by_attack
     from linear_models import linear_problem, linf_breakable
@@ -157,14 +145,6 @@ def test_several_attacks_count_an_image_robust_only_if_it_survives_all():
     assert per_image["robust_correct"].tolist() == both.tolist()
     label = robust_by_attack(per_image, [weak, strong])
     assert label.count("PGD-EOT") == 2 and f"{100 * per_image['robust_correct_1'].mean():.1f}" in label
-
-
-def test_leaderboard_files_from_older_versions_gain_the_new_columns(tmp_path):
-    old = pd.DataFrame([{c: v for c, v in _row(defense="none").items() if c not in ("sanity", "robust_by_attack")}])
-    old.to_csv(tmp_path / "cifar10-jpeg-Linf.csv", index=False)
-    table = merge_row(tmp_path, _row())
-    assert table.loc[table.defense == "none", "sanity"].tolist() == ["not recorded"]
-    assert table.loc[table.defense == "hetpure", "sanity"].tolist() == ["ok"]
 
 
 def test_the_smoke_preset_keeps_every_registered_defense_at_smoke_scale():

@@ -1,11 +1,6 @@
-import io
-import tarfile
-
 import torch
-from PIL import Image
 
-from conftest import random_images
-from hetpure_bench.data import CLASSES
+from conftest import write_image_tar
 from hetpure_bench.diffusion.networks import load_unet_safetensors
 from hetpure_bench.diffusion.training import TrainConfig, export_ema, train_denoiser
 from test_networks import TINY
@@ -14,16 +9,7 @@ TINY32 = {**TINY, "sample_size": 32}
 
 
 def _train_tar(path, n=20):
-    images, labels = random_images(n, seed=0)
-    with tarfile.open(path, "w") as tar:
-        for i, (img, y) in enumerate(zip(images, labels)):
-            blob = io.BytesIO()
-            Image.fromarray(img.transpose(1, 2, 0)).save(blob, format="PNG")
-            info = tarfile.TarInfo(f"train/{CLASSES[y]}/{i:04d}.png")
-            info.size = blob.tell()
-            blob.seek(0)
-            tar.addfile(info, blob)
-    return path
+    return write_image_tar(path, n, "train")
 
 
 def _config(tmp_path, out, steps):

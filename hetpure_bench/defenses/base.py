@@ -6,8 +6,9 @@ A defense is an ``nn.Module`` around a classifier and (usually) a diffusion mode
 - ``nfe`` is the number of diffusion-network calls per defended prediction, i.e. per call of
   ``defense(x)`` (closed form; equal to the calls of one purification unless the defense combines
   several, as GDMP's paths do);
-- all randomness comes from the defense's own ``torch.Generator`` (seeded by ``seed``), because
-  attacks such as AutoAttack reseed the global RNG;
+- all randomness comes from the defense's own noise streams (``generator(x)``, see noise.py:
+  one stream per image when the runner seeds it per image), never from the global RNG, because
+  attacks such as AutoAttack reseed it;
 - ``surrogate(k)`` returns a cheaper version with about k network calls, for "surrogate:k"
   gradients (the attack then differentiates that, and the result is labelled as such).
 """
@@ -15,13 +16,14 @@ A defense is an ``nn.Module`` around a classifier and (usually) a diffusion mode
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 import torch
 from torch import nn
 
 from ..diffusion.schedule import VPSchedule
 from ..errors import UserError
+from ..noise import Generators, NoiseStreams
 
 
 class Defense(nn.Module):
@@ -30,7 +32,9 @@ class Defense(nn.Module):
     needs_diffusion: ClassVar[bool] = True
     threat_defaults: ClassVar[dict[str, dict[str, Any]]] = {}  # config changes per threat model
 
-    def __init__(self, classifier: nn.Module, diffusion: nn.Module | None, config: Any = None, seed: int = 0):
+    def __init__(
+        self, classifier: nn.Module, diffusion: nn.Module | None, config: Any = None, seed: int | Sequence[int] = 0
+    ):
         super().__init__()
         if self.needs_diffusion and diffusion is None:
             raise UserError(f"defense {self.name!r} needs a diffusion model")
@@ -38,19 +42,16 @@ class Defense(nn.Module):
         self.diffusion = diffusion
         self.config = config if config is not None else self.config_class()
         self.schedule = VPSchedule()
-        self.seed = seed
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self.reseed(seed)
 
-    def generator(self, device: torch.device) -> torch.Generator:
-        """This defense's generator on ``device`` (one per device, each seeded with ``seed``)."""
-        device = torch.device(device)
-        if device not in self._generators:
-            self._generators[device] = torch.Generator(device).manual_seed(self.seed)
-        return self._generators[device]
+    def generator(self, x: torch.Tensor) -> Generators:
+        """The generator(s) to draw noise for batch ``x`` from (pass them to noise.randn_like)."""
+        return self.noise.for_batch(x)
 
-    def reseed(self, seed: int) -> None:
+    def reseed(self, seed: int | Sequence[int]) -> None:
+        """Restart the noise: one shared stream (an int) or one stream per image (a list)."""
         self.seed = seed
-        self._generators.clear()
+        self.noise = NoiseStreams(seed)
 
     def purify(self, x01: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

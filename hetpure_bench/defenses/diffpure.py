@@ -8,9 +8,10 @@ from dataclasses import dataclass
 import torch
 
 from ..diffusion.sampling import NetworkCaller, ddim_transition, sample_loop
-from ..diffusion.schedule import CLEAN, ddpm_step, q_sample, randn_like, timestep_grid
+from ..diffusion.schedule import CLEAN, ddpm_step, q_sample, timestep_grid
 from ..diffusion.vp_sde import VPSDE
 from ..errors import UserError
+from ..noise import Generators, randn_like
 from .base import Defense
 
 SAMPLERS = ("ddpm", "ddim", "sde")
@@ -60,7 +61,7 @@ class DiffPure(Defense):
         return self.replace(sampler="ddim", ddim_stride=math.ceil(self.config.t_start / network_calls))
 
     def purify(self, x01: torch.Tensor) -> torch.Tensor:
-        g = self.generator(x01.device)
+        g = self.generator(x01)
         x0 = x01 * 2 - 1
         eps_fn = NetworkCaller(self.diffusion)
         c = self.config
@@ -75,7 +76,7 @@ class DiffPure(Defense):
                 x = sample_loop(x, grid, lambda x, t, s: ddpm_step(self.schedule, x, t, eps_fn(x, t), g))
         return ((x + 1) / 2).clamp(0, 1)
 
-    def _reverse_sde(self, x0: torch.Tensor, eps_fn, g: torch.Generator) -> torch.Tensor:
+    def _reverse_sde(self, x0: torch.Tensor, eps_fn, g: Generators) -> torch.Tensor:
         sde, c = VPSDE(), self.config
         abar = sde.alpha_bar(c.t_star)
         x = math.sqrt(abar) * x0 + math.sqrt(1 - abar) * randn_like(x0, g)

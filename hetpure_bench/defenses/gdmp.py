@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import torch
 
 from ..diffusion.sampling import NetworkCaller, sample_loop
-from ..diffusion.schedule import CLEAN, VPSchedule, ddpm_mean_variance, q_sample, randn_like
+from ..diffusion.schedule import CLEAN, VPSchedule, ddpm_mean_variance, q_sample
 from ..errors import UserError
+from ..noise import randn_like
 from ..ssim import ssim
 from .base import Defense
 
@@ -81,7 +82,7 @@ class GDMP(Defense):
 
     def purify(self, x01: torch.Tensor) -> torch.Tensor:
         """One path: ``iterations`` guided diffuse-and-denoise rounds; [0,1] in and out."""
-        c, schedule, g = self.config, self.schedule, self.generator(x01.device)
+        c, schedule, g = self.config, self.schedule, self.generator(x01)
         target = x01 * 2 - 1
         eps_fn = NetworkCaller(self.diffusion)
         grid = list(range(c.t_guide - 1, -1, -1)) + [CLEAN]

@@ -25,6 +25,7 @@ from ..diffusion.resampling import denoising_steps, jump_schedule
 from ..diffusion.sampling import NetworkCaller, sample_loop
 from ..diffusion.schedule import ddim_step, q_forward, q_sample, timestep_grid
 from ..errors import UserError
+from ..noise import rand_like
 from .base import Defense
 
 
@@ -131,13 +132,13 @@ class HeterogeneousPurifier(Defense):
     def _random_like(self, mask: torch.Tensor) -> torch.Tensor:
         """Per image, the same number of ones as ``mask`` at uniformly random pixels."""
         flat = mask.flatten(1)
-        scores = torch.rand(flat.shape, generator=self.generator(mask.device), device=mask.device, dtype=mask.dtype)
+        scores = rand_like(flat, self.generator(flat))
         ranks = scores.argsort(1).argsort(1)
         return (ranks < flat.sum(1, keepdim=True)).to(mask.dtype).view_as(mask)
 
     def purify_with_mask(self, x01: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Purify [0,1] images given a mask (B, 1, H, W) or broadcastable; returns [0,1] images."""
-        c, schedule, g = self.config, self.schedule, self.generator(x01.device)
+        c, schedule, g = self.config, self.schedule, self.generator(x01)
         x0 = x01 * 2 - 1
         eps_fn = NetworkCaller(self.diffusion)
         single_u = c.resample_steps if c.resampling == "single" else 0

@@ -7,7 +7,8 @@ Conventions (see METHOD.md):
 - the clean image is time ``CLEAN = -1`` with alpha_bar = 1 (a sampler's last step lands there).
 
 Everything here is a pure, differentiable tensor function. Randomness is always drawn from an
-explicit ``torch.Generator`` so that attacks which reseed the global RNG cannot change it.
+explicit generator (one, or one per row: see noise.py) so that attacks which reseed the global
+RNG cannot change it.
 """
 
 from __future__ import annotations
@@ -17,13 +18,10 @@ from functools import cached_property
 
 import torch
 
+from ..noise import Generators, randn_like
+
 CLEAN = -1
 """The time index of the clean image (alpha_bar = 1)."""
-
-def randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Standard normal noise shaped like ``x``, drawn from ``generator``."""
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-
 
 @dataclass(frozen=True)
 class VPSchedule:
@@ -70,7 +68,7 @@ def q_sample(
     schedule: VPSchedule,
     x0: torch.Tensor,
     t: int | torch.Tensor,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Draw x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I). ``t`` is scalar or per-sample."""
@@ -85,7 +83,7 @@ def q_forward(
     x_t: torch.Tensor,
     t: int | torch.Tensor,
     s: int | torch.Tensor,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> torch.Tensor:
     """Draw x_s ~ q(x_s | x_t) for s >= t: the composition of the one-step transitions t -> s.
 
@@ -151,7 +149,7 @@ def ddpm_step(
     x_t: torch.Tensor,
     t: int | torch.Tensor,
     eps: torch.Tensor,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     variance: str = "small",
 ) -> torch.Tensor:
     """One ancestral step x_t -> x_{t-1} ~ p(x_{t-1} | x_t) (see ``ddpm_mean_variance``); the last

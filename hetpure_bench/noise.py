@@ -1,0 +1,79 @@
+"""Where a defense's randomness comes from: per-image noise streams.
+
+A defense never touches the global RNG (AutoAttack reseeds it). It draws from ``NoiseStreams``:
+either one stream per image, seeded from (run seed, image index, purpose) by the runner, or one
+shared stream (a plain int seed, for direct use). With per-image streams an image's noise does not
+depend on which other images share its batch, on the batch size, or on the rank of the process
+that computes it, so sharded and single-process runs agree image by image.
+
+A batch of k x n rows (k copies of the n images, as EOT and GDMP's paths make with
+``x.repeat(k, 1, 1, 1)``) draws row j from image (j mod n)'s stream, copies in order. A batch of
+any other size (AutoAttack's calls on the images it has not broken yet) cannot be matched to
+images and draws from one stream shared by the batch; such calls are the same in a sharded run
+because the runner shards whole batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Sequence, Union
+
+import torch
+
+Generators = Union[torch.Generator, Sequence[torch.Generator], None]
+"""One generator for the whole tensor, one per row (diffusers' convention), or the global RNG."""
+
+
+def _draw(sample, x: torch.Tensor, generator: Generators) -> torch.Tensor:
+    if generator is None or isinstance(generator, torch.Generator):
+        return sample(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    if len(generator) != x.shape[0]:
+        raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]}")
+    if not generator:
+        return x.new_empty(x.shape)
+    row = (1, *x.shape[1:])
+    return torch.cat([sample(row, generator=g, device=x.device, dtype=x.dtype) for g in generator])
+
+
+def randn_like(x: torch.Tensor, generator: Generators) -> torch.Tensor:
+    """Standard normal noise shaped like ``x``; row j from ``generator[j]`` when a list."""
+    return _draw(torch.randn, x, generator)
+
+
+def rand_like(x: torch.Tensor, generator: Generators) -> torch.Tensor:
+    """Uniform [0, 1) noise shaped like ``x``; row j from ``generator[j]`` when a list."""
+    return _draw(torch.rand, x, generator)
+
+
+def _seed_from(text: str) -> int:
+    return int(hashlib.sha256(text.encode()).hexdigest()[:15], 16)
+
+
+def stream_seed(seed: int, index: int, purpose: str) -> int:
+    """The seed of image ``index``'s stream for one purpose ("attack", "evaluate") of a run."""
+    return _seed_from(f"{seed}:{index}:{purpose}")
+
+
+class NoiseStreams:
+    """Random streams of one defense: ``seeds`` is an int (one shared stream) or one int per image."""
+
+    def __init__(self, seeds: int | Sequence[int]):
+        self.per_image = not isinstance(seeds, int)
+        self.seeds = [int(s) for s in seeds] if self.per_image else [int(seeds)]
+        # The shared stream of a per-image batch (for calls that do not match its images).
+        self.shared_seed = _seed_from(f"shared:{self.seeds}") if self.per_image else self.seeds[0]
+        self._generators: dict[tuple[torch.device, int], torch.Generator] = {}
+
+    def _generator(self, device: torch.device, seed: int) -> torch.Generator:
+        key = (device, seed)
+        if key not in self._generators:  # created once, then advanced by every draw
+            self._generators[key] = torch.Generator(device).manual_seed(seed)
+        return self._generators[key]
+
+    def for_batch(self, x: torch.Tensor) -> Generators:
+        """The generator(s) for a batch ``x``: per row when it is k copies of the images."""
+        rows, n = x.shape[0], len(self.seeds)
+        if self.per_image and rows % n == 0 and rows > 0:
+            per_image = [self._generator(x.device, s) for s in self.seeds]
+            return per_image * (rows // n)
+        return self._generator(x.device, self.shared_seed)

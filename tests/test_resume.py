@@ -1,0 +1,108 @@
+"""Crash safety and sharding, end to end through ``python -m hetpure_bench run`` in subprocesses
+(the real embedded models on a tiny generated image tar)."""
+
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from contextlib import closing
+
+import pandas as pd
+import pytest
+
+from conftest import write_image_tar
+from hetpure_bench.leaderboard import COST_COLUMNS
+
+N_IMAGES = 6
+
+
+def _command(data, out, *extra):
+    return [
+        "run", "--defense", "hetpure", "--defense-arg", "stride=100", "--data", str(data), "-n", str(N_IMAGES),
+        "--batch-size", "1", "--steps", "1", "--eot", "1", "--evaluation", "single,worst:2",
+        "--sanity-images", "0", "--leaderboard-dir", str(out), *extra,
+    ]
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1"}  # the same kernels in every process of these tests
+
+
+def _run(args, timeout=600):
+    result = subprocess.run([sys.executable, "-m", "hetpure_bench", *args], capture_output=True, text=True,
+                            timeout=timeout, env=_env())
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
+def _committed_batches(store):
+    if not store.exists():
+        return 0
+    with closing(sqlite3.connect(store, timeout=1)) as db:
+        try:
+            return db.execute("SELECT COUNT(*) FROM batches").fetchone()[0]
+        except sqlite3.OperationalError:  # tables not created yet
+            return 0
+
+
+def _samples(store):
+    with closing(sqlite3.connect(store)) as db:
+        return db.execute("SELECT mode, image_index, record FROM samples ORDER BY mode, image_index").fetchall()
+
+
+def _results_only(leaderboard_dir):
+    csv, = leaderboard_dir.glob("*.csv")  # one data source, one threat model
+    return pd.read_csv(csv).drop(columns=COST_COLUMNS)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    data = write_image_tar(folder / "test.tar", 8, "test")
+    _run(_command(data, folder / "lb"))
+    return data, folder / "lb"
+
+
+def test_a_run_killed_after_its_first_batch_resumes_to_the_same_leaderboard(tmp_path, uninterrupted):
+    data, reference = uninterrupted
+    out = tmp_path / "lb"
+    store = out / "results.sqlite"
+    process = subprocess.Popen([sys.executable, "-m", "hetpure_bench", *_command(data, out)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+    deadline = time.time() + 300
+    while _committed_batches(store) < 1 and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_with = _committed_batches(store)
+    assert 1 <= killed_with < N_IMAGES, "the kill must land mid-run for this test to mean anything"
+
+    result = _run(_command(data, out))
+    assert f"{killed_with} of {N_IMAGES} batches already in the store, computing the rest" in result.stdout
+    assert _committed_batches(store) == N_IMAGES
+    samples = _samples(store)
+    assert len(samples) == 2 * N_IMAGES == len({(m, i) for m, i, _ in samples})  # none lost, none twice
+    assert samples == _samples(reference / "results.sqlite")
+    resumed, expected = _results_only(out), _results_only(reference)
+    assert len(resumed) == 2
+    pd.testing.assert_frame_equal(resumed, expected)
+
+
+def test_torchrun_with_two_processes_matches_the_single_process_run(tmp_path, uninterrupted):
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not found")
+    data, reference = uninterrupted
+    out = tmp_path / "lb"
+    result = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node=2", "-m", "hetpure_bench", *_command(data, out, "--device", "cpu")],
+        capture_output=True, text=True, timeout=600, env=_env(),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[rank 1/2]" in result.stderr and "[rank 0/2]" in result.stderr  # both ranks computed batches
+    assert _samples(out / "results.sqlite") == _samples(reference / "results.sqlite")
+    pd.testing.assert_frame_equal(_results_only(out), _results_only(reference))
+    assert sorted(p.suffix for p in out.iterdir()) == [".csv", ".md", ".sqlite"]  # the shard files are gone
