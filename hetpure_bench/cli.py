@@ -24,6 +24,14 @@ def _add_data_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_output_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--leaderboard-dir", default="leaderboards")
+    parser.add_argument("--store", help="the SQLite result store (default LEADERBOARD_DIR/results.sqlite); "
+                        "rerunning a command computes only what is not in it yet")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="auto: this process's GPU when there is one (torchrun: LOCAL_RANK), else the CPU")
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from .attacks import ATTACKS
     from .classifiers import CLASSIFIERS
@@ -130,11 +138,8 @@ def _parse_setting(text: str, option: str) -> tuple[str, object]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from . import distributed
     from .defenses import DEFENSES, load_entry_point_defenses
-    from .leaderboard import write_leaderboards
-    from .runner import load, load_preset, run, spec_from_preset, validate
-    from .store import ResultStore
+    from .runner import load_preset, spec_from_preset
 
     load_entry_point_defenses()
     if args.defense is None:  # the defenses the preset configures
@@ -159,9 +164,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         for name in names
     ]
+    return _execute(specs, args)
+
+
+def _execute(specs: list, args: argparse.Namespace) -> int:
+    """Check every row, load what they need, then run them through the result store."""
+    from . import distributed
+    from .leaderboard import write_leaderboards
+    from .runner import load, run, validate
+    from .store import ResultStore
+
     for spec in specs:  # every row's input is checked before the first one runs
         validate(spec)
-    if args.dry_run:
+    if getattr(args, "dry_run", False):
         from .dry_run import print_estimates
 
         print_estimates(specs)
@@ -193,6 +208,53 @@ def cmd_run(args: argparse.Namespace) -> int:
             shard.delete() if shard.is_empty() else shard.close()
         distributed.finish(ranks)
     return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .runner import load_preset, spec_from_preset
+
+    sweeps = load_preset(args.preset).get("sweeps") or {}
+    if args.name not in sweeps:
+        raise UserError(f"preset {args.preset!r} has no sweep {args.name!r} (it has: {', '.join(sorted(sweeps)) or 'none'})")
+    sweep = sweeps[args.name]
+    sanity = {"images": args.sanity_images} if args.sanity_images is not None else sweep.get("sanity")
+    specs = [
+        spec_from_preset(args.preset, sweep["defense"], data=args.data, n_images=args.n or sweep.get("n_images"),
+                         seed=args.seed, defense_overrides=point, sanity=sanity)
+        for point in sweep["points"]
+    ]
+    return _execute(specs, args)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+    from .store import ResultStore
+
+    store_path = Path(args.store)
+    if not store_path.is_file():
+        raise UserError(f"no result store at {store_path}: run a benchmark first (or pass --store)")
+    with ResultStore(store_path) as store:
+        rows = store.rows()
+    if not rows:
+        raise UserError(f"the result store {store_path} holds no finished rows")
+    if args.images:
+        _image_grid(args, Path(args.out) / args.name / "images.png")
+    path = write_report(rows, args.name, Path(args.out), str(store_path))
+    print(f"report: {path} ({len(rows)} rows from {store_path})")
+    return 0
+
+
+def _image_grid(args: argparse.Namespace, path: Path) -> None:
+    from . import distributed
+    from .image_grid import image_panels
+    from .plots import image_grid_plot
+    from .runner import spec_from_preset, validate
+
+    specs = [spec_from_preset(args.preset, name.strip(), data=args.data) for name in args.image_defenses.split(",")]
+    for spec in specs:
+        validate(spec)
+    device, cache = distributed.device_for(distributed.Ranks(), "auto"), {}
+    image_grid_plot({spec.defense: image_panels(spec, args.images, device, cache) for spec in specs}, path)
 
 
 def _report(row: dict, leaderboard_dir: Path, store_path: Path) -> None:
@@ -265,12 +327,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--defense-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="defense setting, e.g. t_l=150 or mask.tau=0.85 (repeatable)")
-    p.add_argument("--leaderboard-dir", default="leaderboards")
-    p.add_argument("--store", help="the SQLite result store (default LEADERBOARD_DIR/results.sqlite); "
-                   "rerunning a command computes only what is not in it yet")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="auto: this process's GPU when there is one (torchrun: LOCAL_RANK), else the CPU")
+    _add_output_options(p)
     p.set_defaults(func=cmd_run)
+
+    p = commands.add_parser("sweep", help="run a preset's strength sweep (one row per point) for the report's plots")
+    p.add_argument("name", help="the sweep's name in the preset (smoke: diffpure-t-star, hetpure-tl-ts)")
+    p.add_argument("--preset", default="smoke")
+    _add_data_option(p)
+    p.add_argument("-n", "--num-images", dest="n", type=int, help="default: the sweep's")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--sanity-images", type=int, help="default: the sweep's")
+    _add_output_options(p)
+    p.set_defaults(func=cmd_sweep)
+
+    p = commands.add_parser("report", help="write reports/NAME/report.md with tables and figures from the result store")
+    p.add_argument("--name", default="smoke")
+    p.add_argument("--store", default="leaderboards/results.sqlite")
+    p.add_argument("--out", default="reports", help="reports folder (default reports)")
+    p.add_argument("--images", type=int, default=0, metavar="N",
+                   help="also draw the image grid for N images (runs the attack on them; needs --data)")
+    p.add_argument("--image-defenses", default="hetpure,diffpure,repaint", help="defenses in the image grid")
+    p.add_argument("--preset", default="smoke", help="settings of the image grid's defenses and attack")
+    _add_data_option(p)
+    p.set_defaults(func=cmd_report)
 
     p = commands.add_parser("train-denoiser", help="train (or resume) the small eps-prediction denoiser")
     p.add_argument("--out", required=True, help="run folder; rerunning with the same folder resumes")

@@ -3,11 +3,13 @@ threat model."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
 
 from .atomic import write_text_atomic
+from .report_tables import robustbench_entry
 
 # Every setup label of a row (DEVELOPERS.md): a row is identified by all of them together.
 SETUP_COLUMNS = [
@@ -29,23 +31,30 @@ def leaderboard_stem(data_source: str, threat: str) -> str:
     return f"{data_source}-{threat}"
 
 
+def latest_rows(rows: list[dict], data_source: str, threat: str) -> list[dict]:
+    """The rows of one data source and threat model; of rows with the same labels (a setup rerun
+    with, e.g., another batch size) the newest one (``rows`` are oldest first)."""
+    return list({setup_key(r): r for r in rows if r["data_source"] == data_source and r["threat"] == threat}.values())
+
+
 def leaderboard_table(rows: list[dict], data_source: str, threat: str) -> pd.DataFrame:
-    """The rows of one data source and threat model, best robust accuracy first; of rows with
-    the same labels (a setup rerun with, e.g., another batch size) the newest one."""
-    latest = {setup_key(r): r for r in rows if r["data_source"] == data_source and r["threat"] == threat}
-    table = pd.DataFrame([{c: r[c] for c in COLUMNS} for r in latest.values()], columns=COLUMNS)
+    """latest_rows as a table, best robust accuracy first."""
+    table = pd.DataFrame([{c: r[c] for c in COLUMNS} for r in latest_rows(rows, data_source, threat)], columns=COLUMNS)
     return table.sort_values(["robust_acc", "clean_acc"], ascending=False, kind="stable", ignore_index=True)
 
 
 def write_leaderboards(rows: list[dict], directory: Path) -> list[Path]:
-    """``directory/<data>-<threat>.csv`` and ``.md`` for every data source and threat model in
-    ``rows`` (the result store's rows, oldest first), each written atomically."""
+    """``directory/<data>-<threat>.csv``, ``.md`` and ``.robustbench.json`` (RobustBench model_info
+    entries) for every data source and threat model in ``rows`` (the result store's rows, oldest
+    first), each written atomically."""
     written = []
     for data_source, threat in sorted({(r["data_source"], r["threat"]) for r in rows}):
         table = leaderboard_table(rows, data_source, threat)
         csv_path = Path(directory) / f"{leaderboard_stem(data_source, threat)}.csv"
         write_text_atomic(csv_path, table.to_csv(index=False))
         write_text_atomic(csv_path.with_suffix(".md"), to_markdown(table, csv_path.stem))
+        entries = [robustbench_entry(r) for r in latest_rows(rows, data_source, threat)]
+        write_text_atomic(csv_path.with_suffix(".robustbench.json"), json.dumps(entries, indent=1) + "\n")
         written.append(csv_path)
     return written
 

@@ -84,6 +84,7 @@ def spec_from_preset(preset: str, defense: str, **overrides: Any) -> RunSpec:
     defense_overrides.update(overrides.pop("defense_overrides", None) or {})
     # The preset names its attack and keeps settings per attack, so that choosing another
     # attack on the command line picks up the preset's settings for that one.
+    settings.pop("sweeps", None)  # used by the sweep command only
     per_attack = settings.pop("attacks", None) or {}
     requested = dict(overrides.pop("attack", None) or {})
     name = requested.pop("name", None) or settings.get("attack", "pgd-eot")

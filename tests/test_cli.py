@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -84,6 +85,33 @@ def test_run_command_writes_leaderboard_and_per_image_results(tmp_path, shared_j
         assert len(per_image) == 2
     assert main(["run", "--defense", "none"] + common) == 0  # nothing left to compute
     assert "1 of 1 batches already in the store" in capsys.readouterr().out
+    assert main(["report", "--name", "t", "--store", str(tmp_path / "lb" / "results.sqlite"), "--out", str(tmp_path / "rep")]) == 0
+    report = (tmp_path / "rep" / "t" / "report.md").read_text()
+    assert "| none | PGD-EOT(Linf, 1 steps, EOT 1) | full | single |" in report
+    assert (tmp_path / "rep" / "t" / "cost.png").stat().st_size > 1000
+
+
+def test_sweep_runs_one_row_per_point(tmp_path, monkeypatch, capsys):
+    from conftest import write_image_tar
+
+    preset = {"classifier": "resnet18-pyautoattack", "diffusion_model": "embedded-denoiser", "n_images": 2,
+              "attacks": {"pgd-eot": {"steps": 1, "eot": 1}}, "batch_size": 2, "sanity": {"images": 0},
+              "sweeps": {"t": {"defense": "diffpure", "n_images": 1, "points": [
+                  {"t_star": 0.02, "sampler": "ddim", "ddim_stride": 20}, {"t_star": 0.04, "sampler": "ddim", "ddim_stride": 40}]}}}
+    monkeypatch.setattr("hetpure_bench.runner.load_preset", lambda name: json.loads(json.dumps(preset)))
+    data = write_image_tar(tmp_path / "test.tar", 2, "test")
+    args = ["--data", str(data), "--leaderboard-dir", str(tmp_path / "lb")]
+    assert main(["sweep", "t"] + args) == 0
+    csv = pd.read_csv(tmp_path / "lb" / "imagefolder-Linf.csv")
+    assert sorted(csv.defense_config.str.extract(r"t_star=([0-9.]+)")[0]) == ["0.02", "0.04"]
+    assert (csv.n_images == 1).all() and (csv.sanity == "not run").all()
+    assert main(["sweep", "nope"] + args) == 2
+    assert "has no sweep 'nope' (it has: t)" in capsys.readouterr().err
+
+
+def test_report_without_a_store_is_one_line(tmp_path, capsys):
+    assert main(["report", "--store", str(tmp_path / "none.sqlite")]) == 2
+    assert "no result store at" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ def _row(**changes):
         "gradient_mode": "full", "evaluation": "single", "n_images": 32, "seed": 0,
         "clean_acc": 0.8, "robust_acc": 0.5, "robust_by_attack": "-", "sanity": "ok",
         "nfe": 10, "wall_s": 12.0, "images_per_s": 2.6667, "peak_mem_mib": 900, "device": "cpu (2 threads)",
+        "preset": "smoke", "setup_hash": "h" + str(sorted(changes.items())),
     }
     row.update(changes)
     return row

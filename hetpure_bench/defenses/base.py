@@ -70,6 +70,12 @@ class Defense(nn.Module):
     def forward(self, x01: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.purify(x01))
 
+    def stages(self, x01: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """Named intermediate images for figures, the purified one first (so that it uses the
+        same noise as ``purify`` right after a reseed): [0,1] images, or (B, 1, H, W) masks
+        named "mask". Defenses add what they have (a mask, the noised image)."""
+        return [("purified", self.purify(x01))]
+
     def describe(self) -> str:
         """The full configuration as ``key=value`` pairs (nested ones dotted), for result labels."""
         return " ".join(f"{k}={v}" for k, v in _flatten(dataclasses.asdict(self.config)).items())

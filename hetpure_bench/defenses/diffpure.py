@@ -76,6 +76,12 @@ class DiffPure(Defense):
                 x = sample_loop(x, grid, lambda x, t, s: ddpm_step(self.schedule, x, t, eps_fn(x, t), g))
         return ((x + 1) / 2).clamp(0, 1)
 
+    def stages(self, x01: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """Purified, and the input diffused to t_start (shown in [0,1])."""
+        purified = self.purify(x01)
+        noised = q_sample(self.schedule, x01 * 2 - 1, self.config.t_start, self.generator(x01))
+        return [("purified", purified), (f"noised t={self.config.t_start}", ((noised + 1) / 2).clamp(0, 1))]
+
     def _reverse_sde(self, x0: torch.Tensor, eps_fn, g: Generators) -> torch.Tensor:
         sde, c = VPSDE(), self.config
         abar = sde.alpha_bar(c.t_star)

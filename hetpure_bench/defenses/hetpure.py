@@ -118,6 +118,15 @@ class HeterogeneousPurifier(Defense):
     def purify(self, x01: torch.Tensor) -> torch.Tensor:
         return self.purify_with_mask(x01, self.mask(x01))
 
+    def stages(self, x01: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """Purified, the mask, and the heterogeneously noised input: q(x, t_l) where the mask is 1,
+        q(x, t_s) elsewhere (shown in [0,1])."""
+        mask = self.mask(x01)
+        purified = self.purify_with_mask(x01, mask)
+        c, g, x0 = self.config, self.generator(x01), x01 * 2 - 1
+        noised = q_sample(self.schedule, x0, c.t_l, g) * mask + q_sample(self.schedule, x0, c.t_s, g) * (1 - mask)
+        return [("purified", purified), ("mask", mask), (f"noised t_l={c.t_l}/t_s={c.t_s}", ((noised + 1) / 2).clamp(0, 1))]
+
     def mask(self, x01: torch.Tensor) -> torch.Tensor:
         """The (B, 1, H, W) mask of the configured mask mode; 1 = strong noise."""
         mode = self.config.mask_mode

@@ -1,0 +1,180 @@
+"""The report's figures (matplotlib, PNG, fixed size), each readable without the text around it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .published import PublishedResult  # noqa: E402
+from .report_tables import strongest_rows  # noqa: E402
+
+SIZE_IN, DPI = (10.0, 6.0), 100  # every figure is 1000 x 600 pixels (the image grid: its own height)
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # No software/date metadata: the same data gives the same bytes.
+    fig.savefig(path, dpi=DPI, metadata={"Software": None})
+    plt.close(fig)
+    return path
+
+
+def config_values(defense_config: str) -> dict[str, str]:
+    """``"t_l=200 t_s=100 ..."`` -> {"t_l": "200", "t_s": "100", ...}."""
+    return dict(token.split("=", 1) for token in defense_config.split() if "=" in token)
+
+
+def setup_caption(rows: list[dict]) -> str:
+    keys = ("classifier", "diffusion_model", "data_source", "n_images", "seed")
+    values = {k: sorted({str(r[k]) for r in rows}) for k in keys}
+    return "measured: " + ", ".join(f"{k} {'/'.join(v)}" for k, v in values.items())
+
+
+def headline_rows(rows: list[dict]) -> list[dict]:
+    """One row per defense: among its single-evaluation rows on the most images (sweeps use
+    fewer), the strongest attack's."""
+    single = [r for r in strongest_rows(rows) if r["evaluation"] == "single"]
+    most = {}
+    for row in single:
+        most[row["defense"]] = max(most.get(row["defense"], 0), row["n_images"])
+    best: dict[str, dict] = {}
+    for row in (r for r in single if r["n_images"] == most[r["defense"]]):
+        if row["defense"] not in best or row["robust_acc"] < best[row["defense"]]["robust_acc"]:
+            best[row["defense"]] = row
+    return [best[d] for d in sorted(best)]
+
+
+def scatter_plot(rows: list[dict], published: list[PublishedResult], path: Path) -> Path:
+    """Robust vs clean accuracy: measured defenses (strongest attack run, single evaluation) next
+    to published purification results and adversarial-training references."""
+    fig, ax = plt.subplots(figsize=SIZE_IN)
+    measured = headline_rows(rows)
+    for row in measured:
+        ax.scatter(100 * row["clean_acc"], 100 * row["robust_acc"], marker="o", color="tab:blue", s=40)
+        ax.annotate(row["defense"], (100 * row["clean_acc"], 100 * row["robust_acc"]), fontsize=8,
+                    xytext=(4, 3), textcoords="offset points")
+    styles = {"purification": ("*", "tab:red", 160), "reference": ("s", "tab:gray", 50)}
+    for entry in published:
+        marker, color, size = styles[entry.kind]
+        ax.scatter(entry.clean, entry.robust, marker=marker, color=color, s=size)
+        ax.annotate(f"{entry.method} ({entry.classifier})", (entry.clean, entry.robust), fontsize=7,
+                    xytext=(4, -9), textcoords="offset points", color=color)
+    handles = [
+        plt.Line2D([], [], marker="o", color="tab:blue", linestyle="", label="measured here (one per defense: strongest attack run, single evaluation)"),
+        plt.Line2D([], [], marker="*", color="tab:red", markersize=12, linestyle="", label="published purification (paper setup, AutoAttack)"),
+        plt.Line2D([], [], marker="s", color="tab:gray", linestyle="", label="adversarial training reference (RobustBench)"),
+    ]
+    ax.legend(handles=handles, loc="upper left", fontsize=8)
+    ax.set(xlabel="clean accuracy (%)", ylabel="robust accuracy (%)", xlim=(0, 100), ylim=(0, 100),
+           title="Robust vs clean accuracy (CIFAR-10, Linf 8/255): measured and published setups differ")
+    ax.grid(alpha=0.3)
+    fig.text(0.01, 0.01, setup_caption(measured) if measured else "no measured rows", fontsize=7)
+    return _save(fig, path)
+
+
+SWEEP_AXES = {"diffpure": ("t_star", None), "hetpure": ("t_l", "t_s")}
+
+
+def sweep_groups(rows: list[dict], defense: str) -> list[dict]:
+    """Rows of ``defense`` (single evaluation) whose swept setting varies within one measured setup:
+    the largest such group."""
+    x_key = SWEEP_AXES[defense][0]
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        if row["defense"] != defense or row["evaluation"] != "single":
+            continue
+        key = tuple(row[k] for k in ("classifier", "diffusion_model", "data_source", "threat", "eps", "attack",
+                                     "gradient_mode", "n_images", "seed"))
+        groups.setdefault(key, []).append(row)
+    varied = [g for g in groups.values() if len({config_values(r["defense_config"]).get(x_key) for r in g}) >= 3]
+    return max(varied, key=len) if varied else []
+
+
+def strength_plot(rows: list[dict], path: Path) -> Path:
+    """Clean and robust accuracy vs diffusion strength: DiffPure's t* and hetpure's (t_l, t_s)."""
+    fig, axes = plt.subplots(1, 2, figsize=SIZE_IN, sharey=True)
+    captions = []
+    for ax, defense in zip(axes, SWEEP_AXES):
+        x_key, line_key = SWEEP_AXES[defense]
+        group = sweep_groups(rows, defense)
+        if not group:
+            ax.text(0.5, 0.5, f"no {defense} sweep in the store", ha="center", transform=ax.transAxes)
+        by_line: dict[str, list] = {}
+        for row in group:
+            values = config_values(row["defense_config"])
+            by_line.setdefault(values.get(line_key, "") if line_key else "", []).append(
+                (float(values[x_key]), 100 * row["clean_acc"], 100 * row["robust_acc"]))
+        for k, (line, points) in enumerate(sorted(by_line.items(), key=lambda item: float(item[0] or 0))):
+            x, clean, robust = np.array(sorted(points)).T
+            color = plt.cm.viridis(k / max(1, len(by_line) - 1) * 0.85)
+            label = f"{line_key} = {line}" if line_key else defense
+            ax.plot(x, clean, "o--", color=color, label=f"clean, {label}")
+            ax.plot(x, robust, "s-", color=color, label=f"robust, {label}")
+        if group:
+            captions.append(f"{defense}: {group[0]['attack']}, gradient {group[0]['gradient_mode']}, {group[0]['n_images']} images")
+        ax.set(xlabel=f"{x_key} ({'continuous time' if x_key == 't_star' else 'diffusion step'})",
+               title=f"{defense}: accuracy vs diffusion strength", ylim=(0, 100))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower left")
+    axes[0].set_ylabel("accuracy (%), single evaluation")
+    fig.text(0.01, 0.01, " | ".join(captions) + ("; " + setup_caption(rows) if rows else ""), fontsize=6.5)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    return _save(fig, path)
+
+
+def cost_plot(rows: list[dict], path: Path) -> Path:
+    """NFE, seconds per image and peak memory per defense, from each defense's single-evaluation
+    full-gradient PGD-EOT row on the most images (the same attack for every defense)."""
+    chosen: dict[str, dict] = {}
+    candidates = [r for r in rows if r["evaluation"] == "single" and r["gradient_mode"] == "full"
+                  and r["attack"].startswith("PGD-EOT") and "mask-aware" not in r["attack"]]
+    attack = max({r["attack"] for r in candidates}, key=lambda a: sum(r["attack"] == a for r in candidates), default=None)
+    rank = lambda r: (-r["n_images"], r["wall_s"] / r["n_images"])  # noqa: E731 - most images (not a sweep's), then fastest
+    for row in (r for r in candidates if r["attack"] == attack):
+        if row["defense"] not in chosen or rank(row) < rank(chosen[row["defense"]]):
+            chosen[row["defense"]] = row
+    names = sorted(chosen, key=lambda d: chosen[d]["wall_s"] / chosen[d]["n_images"])
+    fig, axes = plt.subplots(1, 3, figsize=SIZE_IN, sharey=True)
+    metrics = [
+        ("nfe", "diffusion-network calls per purification", lambda r: r["nfe"]),
+        ("time", "seconds per image (attack + evaluation)", lambda r: r["wall_s"] / r["n_images"]),
+        ("memory", "peak memory (MiB)", lambda r: r["peak_mem_mib"]),
+    ]
+    for ax, (_, label, value) in zip(axes, metrics):
+        values = [value(chosen[d]) for d in names]
+        ax.barh(names, values, color="tab:blue")
+        for y, v in enumerate(values):
+            ax.text(v, y, f" {v:.3g}", va="center", fontsize=7)
+        ax.set(xlabel=label)
+        ax.grid(axis="x", alpha=0.3)
+    devices = sorted({chosen[d]["device"] for d in names})
+    fig.suptitle(f"Cost per defense under {attack or 'no attack'} ({', '.join(devices) or 'no device'})", fontsize=10)
+    fig.text(0.01, 0.01, setup_caption(list(chosen.values())) if chosen else "no rows", fontsize=7)
+    fig.tight_layout(rect=(0, 0.04, 1, 0.95))
+    return _save(fig, path)
+
+
+def image_grid_plot(panels: dict[str, list[dict]], path: Path) -> Path:
+    """One block of rows per defense, one row per image; columns are that defense's stages
+    (clean, adversarial, mask overlay, noised, purified), each titled with its predicted label."""
+    lines = [(defense, image) for defense, images in panels.items() for image in images]
+    columns = max((len(image["stages"]) for _, image in lines), default=1)
+    fig, axes = plt.subplots(len(lines) or 1, columns, figsize=(1.6 * columns, 1.75 * max(1, len(lines))), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for r, (defense, image) in enumerate(lines):
+        for c, stage in enumerate(image["stages"]):
+            ax = axes[r, c]
+            ax.imshow(stage["image"], interpolation="nearest")
+            if stage.get("overlay") is not None:
+                ax.imshow(stage["overlay"], cmap="Reds", alpha=0.45, vmin=0, vmax=1, interpolation="nearest")
+            ax.set_title(stage["title"], fontsize=7)
+        axes[r, 0].text(-0.15, 0.5, f"{defense}\ntrue: {image['label']}", transform=axes[r, 0].transAxes,
+                        ha="right", va="center", fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -1,0 +1,91 @@
+"""Tables generated from the result store's rows: published vs measured side by side, and
+RobustBench-style model entries."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from .evaluation import parse_evaluation_mode
+from .published import PublishedResult
+
+# What the published purification numbers were measured on (METHOD.md): a measured row matches
+# the published setup only if it has all of these.
+PUBLISHED_SETUP = {"data_source": "cifar10-official", "diffusion_model": "score-sde-ddpmpp", "n_images": 512}
+
+
+def strongest_rows(rows: list[dict]) -> list[dict]:
+    """Per defense and measured setup (classifier, diffusion model, data, threat, images, seed,
+    evaluation mode), the row with the lowest robust accuracy among those whose sanity checks
+    passed: the strongest attack that was run."""
+    best: dict[tuple, dict] = {}
+    for row in rows:
+        if row["sanity"] != "ok":
+            continue
+        key = tuple(row[k] for k in ("defense", "defense_config", "classifier", "diffusion_model", "data_source",
+                                     "threat", "eps", "n_images", "seed", "evaluation"))
+        if key not in best or row["robust_acc"] < best[key]["robust_acc"]:
+            best[key] = row
+    return list(best.values())
+
+
+def measured_setup(row: dict) -> str:
+    return (f"{row['classifier']} + {row['diffusion_model']}; {row['data_source']}, {row['n_images']} images, "
+            f"seed {row['seed']}; {row['attack']}, gradient {row['gradient_mode']}; evaluation {row['evaluation']}")
+
+
+def differences(published: PublishedResult, row: dict) -> list[str]:
+    """How a measured row's setup differs from the published one (empty: the same setup)."""
+    found = [f"{k} {row[k]} (published: {v})" for k, v in PUBLISHED_SETUP.items() if str(row[k]) != str(v)]
+    if row["classifier"] != published.classifier:
+        found.append(f"classifier {row['classifier']} (published: {published.classifier})")
+    if "AutoAttack" not in row["attack"]:
+        found.append(f"attack {row['attack']} (published: {published.attack})")
+    return found
+
+
+def side_by_side(published: list[PublishedResult], rows: list[dict]) -> pd.DataFrame:
+    """One line per published purification result and strongest measured row of that method and
+    threat model; `same setup` spells out every difference."""
+    lines = []
+    strongest = strongest_rows(rows)
+    for entry in (p for p in published if p.kind == "purification"):
+        matches = [r for r in strongest if r["defense"] == entry.method and r["threat"] == entry.threat]
+        for row in sorted(matches, key=lambda r: (r["evaluation"], r["classifier"])) or [None]:
+            diff = differences(entry, row) if row else []
+            lines.append({
+                "method": entry.method,
+                "published clean": entry.clean,
+                "published robust": entry.robust,
+                "published setup": f"{entry.classifier}; {entry.attack}; {entry.source}",
+                "measured clean": round(100 * row["clean_acc"], 1) if row else None,
+                "measured robust": round(100 * row["robust_acc"], 1) if row else None,
+                "measured setup": measured_setup(row) if row else "not measured",
+                "same setup": ("yes" if not diff else "NO: " + "; ".join(diff)) if row else "-",
+            })
+    return pd.DataFrame(lines)
+
+
+def robustbench_entry(row: dict) -> dict:
+    """A row in the fields of RobustBench's model_info JSON, plus this benchmark's setup labels
+    (RobustBench's ``autoattack_acc`` is set only when the attack was AutoAttack)."""
+    autoattack = "AutoAttack" in row["attack"]
+    return {
+        "name": f"{row['defense']} ({row['classifier']} + {row['diffusion_model']})",
+        "link": "",
+        "authors": "",
+        "additional_data": False,
+        "number_forward_passes": parse_evaluation_mode(row["evaluation"])[1],  # purifications per prediction
+        "diffusion_calls_per_purification": row["nfe"],
+        "dataset": "cifar10",
+        "venue": "",
+        "architecture": f"{row['classifier']} + {row['diffusion_model']}",
+        "eps": row["eps"],
+        "threat_model": row["threat"],
+        "clean_acc": f"{100 * row['clean_acc']:.2f}",
+        "reported": "",
+        "autoattack_acc": f"{100 * row['robust_acc']:.2f}" if autoattack else "",
+        "external": f"{100 * row['robust_acc']:.2f}",
+        "footnote": (f"Measured by hetpure_bench: {measured_setup(row)}; defense config {row['defense_config']}; "
+                     f"sanity {row['sanity']}."),
+        "setup_hash": row["setup_hash"],
+    }

@@ -1,0 +1,115 @@
+import json
+import struct
+
+import pytest
+import torch
+
+from hetpure_bench.defenses import build_defense
+from hetpure_bench.leaderboard import write_leaderboards
+from hetpure_bench.plots import cost_plot, image_grid_plot, scatter_plot, strength_plot
+from hetpure_bench.published import load_published
+from hetpure_bench.report import write_report
+from hetpure_bench.report_tables import side_by_side
+from test_leaderboard import _row
+from tiny_models import tiny_models
+
+PUBLISHED = load_published("""
+- {method: hetpure, classifier: wrn-28-10-standard, threat: Linf, eps: 8/255, clean: 93.16, robust: 80.45,
+   attack: AutoAttack, source: paper A, verified: true}
+- {method: diffpure, classifier: wrn-28-10-standard, threat: Linf, eps: 8/255, clean: 89.02, robust: 70.64,
+   attack: AutoAttack, source: paper B, verified: true}
+- {method: Standard, kind: reference, classifier: wrn-28-10-standard, threat: Linf, eps: 8/255, clean: 94.78,
+   robust: 0.0, attack: AutoAttack, source: RobustBench, verified: false}
+""")
+
+
+def _rows():
+    """A small store's rows: two attacks on hetpure (the stronger must be picked), a DiffPure t* sweep,
+    a paper-setup row, a row that failed its sanity checks."""
+    rows = [
+        _row(attack="PGD-EOT", clean_acc=0.75, robust_acc=0.25),
+        _row(attack="AutoAttack-rand", clean_acc=0.75, robust_acc=0.5),
+        _row(attack="PGD-EOT", evaluation="worst:5", clean_acc=0.5, robust_acc=0.125),
+        _row(defense="hetpure", attack="AutoAttack-rand", data_source="cifar10-official", diffusion_model="score-sde-ddpmpp",
+             classifier="wrn-28-10-standard", n_images=512, clean_acc=0.9, robust_acc=0.8, wall_s=900.0),
+        _row(defense="gdmp", clean_acc=0.9, robust_acc=0.9, sanity="FAILED: gradients (0/8 non-zero)"),
+    ]
+    for t_star, robust in ((0.05, 0.1), (0.1, 0.3), (0.2, 0.4)):
+        rows.append(_row(defense="diffpure", defense_config=f"t_star={t_star} sampler=ddim", n_images=16,
+                         clean_acc=1 - t_star, robust_acc=robust))
+    return rows
+
+
+def _png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_side_by_side_puts_published_and_measured_numbers_in_their_cells():
+    table = side_by_side(PUBLISHED, _rows())
+    hetpure = table[table.method == "hetpure"].set_index("measured setup")
+    assert set(table.method) == {"hetpure", "diffpure"}  # references are not purification methods
+    assert (hetpure["published clean"] == 93.16).all() and (hetpure["published robust"] == 80.45).all()
+    smoke_single = hetpure[hetpure.index.str.contains("cifar10-jpeg") & hetpure.index.str.endswith("evaluation single")]
+    assert smoke_single["measured robust"].tolist() == [25.0]  # the stronger of the two attacks
+    assert smoke_single["same setup"].iloc[0].startswith("NO: data_source cifar10-jpeg (published: cifar10-official)")
+    assert "attack PGD-EOT (published: AutoAttack)" in smoke_single["same setup"].iloc[0]
+    paper = hetpure[hetpure.index.str.contains("cifar10-official")]
+    assert paper["same setup"].tolist() == ["yes"] and paper["measured robust"].tolist() == [80.0]
+    assert hetpure[hetpure.index.str.endswith("worst:5")]["measured robust"].tolist() == [12.5]
+    diffpure = table[table.method == "diffpure"]
+    assert sorted(diffpure["measured robust"]) == [10.0, 30.0, 40.0]  # each t* is its own defense setup
+    assert not any("gdmp" in setup for setup in table["measured setup"])  # failed sanity: never a headline
+
+
+def test_robustbench_entries_are_written_with_the_leaderboard(tmp_path):
+    write_leaderboards(_rows(), tmp_path)
+    entries = json.loads((tmp_path / "cifar10-jpeg-Linf.robustbench.json").read_text())
+    by_attack = {(e["name"], e["external"], e["autoattack_acc"]) for e in entries}
+    assert ("hetpure (c + d)", "25.00", "") in by_attack and ("hetpure (c + d)", "50.00", "50.00") in by_attack
+    worst = next(e for e in entries if "evaluation worst:5" in e["footnote"])
+    assert worst["number_forward_passes"] == 5 and worst["diffusion_calls_per_purification"] == 10
+    assert worst["clean_acc"] == "50.00" and worst["eps"] == "0.0313725" and worst["dataset"] == "cifar10"
+
+
+def test_each_figure_is_a_png_of_the_expected_size(tmp_path):
+    rows = _rows()
+    assert _png_size(scatter_plot(rows, PUBLISHED, tmp_path / "a.png")) == (1000, 600)
+    assert _png_size(strength_plot(rows, tmp_path / "b.png")) == (1000, 600)
+    assert _png_size(cost_plot(rows, tmp_path / "c.png")) == (1000, 600)
+    assert _png_size(strength_plot([], tmp_path / "empty.png")) == (1000, 600)  # an empty store still draws
+    stage = {"image": torch.rand(8, 8, 3).numpy(), "title": "x"}
+    panels = {"hetpure": [{"label": "cat", "stages": [stage] * 5}] * 2, "diffpure": [{"label": "dog", "stages": [stage] * 4}]}
+    assert _png_size(image_grid_plot(panels, tmp_path / "d.png")) == (5 * 160, 3 * 175)
+
+
+def test_a_report_regenerated_from_the_same_rows_is_identical(tmp_path):
+    first = write_report(_rows(), "r", tmp_path / "one", "store.sqlite", PUBLISHED)
+    second = write_report(_rows(), "r", tmp_path / "two", "store.sqlite", PUBLISHED)
+    files = sorted(p.name for p in first.parent.iterdir())
+    assert files == ["cost.png", "report.md", "robust_vs_clean.png", "strength.png"]
+    for name in files:
+        assert (first.parent / name).read_bytes() == (second.parent / name).read_bytes(), name
+    text = first.read_text()
+    assert "| hetpure | 93.16 | 80.45 |" in text and "FAILED: gradients" in text
+    assert "## Leaderboard: cifar10-jpeg, Linf eps 0.0313725" in text
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("hetpure", ["purified", "mask", "noised t_l=40/t_s=20"]),
+    ("diffpure", ["purified", "noised t=40"]),
+    ("none", ["purified"]),
+])
+def test_stages_start_with_the_purification_the_evaluation_sees(name, expected):
+    classifier, diffusion = tiny_models()
+    overrides = {"hetpure": {"t_l": 40, "t_s": 20, "stride": 20}, "diffpure": {"t_star": 0.04, "sampler": "ddim", "ddim_stride": 20}}
+    defense = build_defense(name, classifier, diffusion, overrides.get(name, {}))
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    defense.reseed([1, 2])
+    stages = defense.stages(x)
+    defense.reseed([1, 2])
+    assert [n for n, _ in stages] == expected and torch.equal(stages[0][1], defense.purify(x))
+    for stage_name, image in stages:
+        assert image.shape == ((2, 1, 8, 8) if stage_name == "mask" else x.shape)
+        assert image.min() >= 0 and image.max() <= 1
