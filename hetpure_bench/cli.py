@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import yaml
@@ -284,16 +285,22 @@ def _check_writable(directory: Path) -> None:
         raise UserError(f"cannot write to {directory}: {exc.strerror}") from None
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, except that a usage error is one line (no usage block) and exit code 2."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG, description="Benchmark of diffusion-based adversarial purification."
-    )
+    parser = OneLineParser(prog=PROG, description="Benchmark of diffusion-based adversarial purification.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = commands.add_parser("list", help="datasets, classifiers and diffusion models, and what is available offline")
     p.set_defaults(func=cmd_list)
 
-    p = commands.add_parser("run", help="attack a defense and merge its row into the leaderboard")
+    p = commands.add_parser("run", help="attack defenses, keep every result in the store, regenerate the leaderboard")
     p.add_argument("--defense",
                    help="registered defense name (see 'list'), a comma-separated list, or 'all'; "
                    "several defenses run on the same images and attack, sharing the networks "
@@ -384,6 +391,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Import-time deprecation notices of dependencies (torch.jit, robustbench's pkg_resources) are
+    # not the user's business and would bury the one-line errors.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -31,8 +31,26 @@ def config_values(defense_config: str) -> dict[str, str]:
 
 def setup_caption(rows: list[dict]) -> str:
     keys = ("classifier", "diffusion_model", "data_source", "n_images", "seed")
-    values = {k: sorted({str(r[k]) for r in rows}) for k in keys}
+    values = {k: sorted({str(r[k]) for r in rows} - {"-"}) for k in keys}  # "-": no diffusion model
     return "measured: " + ", ".join(f"{k} {'/'.join(v)}" for k, v in values.items())
+
+
+def place_labels(points: list[tuple[float, float, str]], char_width: float, height: float) -> list[tuple[float, float]]:
+    """Label positions (data units) next to each point, trying offsets until a label's box
+    overlaps no marker and no earlier label (nearby points' labels would print over each other)."""
+    offsets = [(1, 1), (1, -1 - height), (1, 1 + height), (1, -1 - 2 * height), (1, 1 + 2 * height),
+               (1, -1 - 3 * height), (1, 1 + 3 * height)]
+    boxes = [(x - 0.8, y - 1.2, x + 0.8, y + 1.2) for x, y, _ in points]  # the markers themselves
+    placed = []
+    for x, y, text in points:
+        width = char_width * len(text)
+        for dx, dy in offsets:
+            box = (x + dx, y + dy, x + dx + width, y + dy + height)
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in boxes):
+                break
+        boxes.append(box)
+        placed.append((box[0], box[1]))
+    return placed
 
 
 def headline_rows(rows: list[dict]) -> list[dict]:
@@ -54,24 +72,29 @@ def scatter_plot(rows: list[dict], published: list[PublishedResult], path: Path)
     to published purification results and adversarial-training references."""
     fig, ax = plt.subplots(figsize=SIZE_IN)
     measured = headline_rows(rows)
-    for row in measured:
-        ax.scatter(100 * row["clean_acc"], 100 * row["robust_acc"], marker="o", color="tab:blue", s=40)
-        ax.annotate(row["defense"], (100 * row["clean_acc"], 100 * row["robust_acc"]), fontsize=8,
-                    xytext=(4, 3), textcoords="offset points")
-    styles = {"purification": ("*", "tab:red", 160), "reference": ("s", "tab:gray", 50)}
+    points = [(100 * r["clean_acc"], 100 * r["robust_acc"], r["defense"]) for r in measured]
+    ordered = sorted(points, key=lambda p: (p[1], p[0]))
+    for (x, y, text), (lx, ly) in zip(ordered, place_labels(ordered, 0.62, 2.4)):
+        ax.scatter(x, y, marker="o", color="tab:blue", s=40)
+        ax.annotate(text, (x, y), xytext=(lx, ly), fontsize=8, va="bottom",
+                    arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.5})
+    handles = [plt.Line2D([], [], marker="o", color="tab:blue", linestyle="",
+                          label="measured here: one per defense, strongest attack run, single evaluation")]
+    # Published points are told apart in the legend, not by labels (they cluster).
+    colors = {"purification": plt.cm.Reds(np.linspace(0.45, 0.95, 4)), "reference": plt.cm.Greys(np.linspace(0.35, 0.85, 4))}
+    counters = {"purification": 0, "reference": 0}
     for entry in published:
-        marker, color, size = styles[entry.kind]
-        ax.scatter(entry.clean, entry.robust, marker=marker, color=color, s=size)
-        ax.annotate(f"{entry.method} ({entry.classifier})", (entry.clean, entry.robust), fontsize=7,
-                    xytext=(4, -9), textcoords="offset points", color=color)
-    handles = [
-        plt.Line2D([], [], marker="o", color="tab:blue", linestyle="", label="measured here (one per defense: strongest attack run, single evaluation)"),
-        plt.Line2D([], [], marker="*", color="tab:red", markersize=12, linestyle="", label="published purification (paper setup, AutoAttack)"),
-        plt.Line2D([], [], marker="s", color="tab:gray", linestyle="", label="adversarial training reference (RobustBench)"),
-    ]
-    ax.legend(handles=handles, loc="upper left", fontsize=8)
+        color = colors[entry.kind][counters[entry.kind] % 4]
+        counters[entry.kind] += 1
+        marker, size = ("*", 14) if entry.kind == "purification" else ("s", 8)
+        ax.plot(entry.clean, entry.robust, marker=marker, color=color, markersize=size, linestyle="")
+        kind = "published" if entry.kind == "purification" else "AT reference"
+        handles.append(plt.Line2D([], [], marker=marker, color=color, markersize=size * 0.8, linestyle="",
+                                  label=f"{kind}: {entry.method}, {entry.classifier} ({entry.clean:g} / {entry.robust:g})"))
+    ax.legend(handles=handles, loc="upper left", fontsize=7, title="clean / robust %, published setups: "
+              "official CIFAR-10, AutoAttack", title_fontsize=7)
     ax.set(xlabel="clean accuracy (%)", ylabel="robust accuracy (%)", xlim=(0, 100), ylim=(0, 100),
-           title="Robust vs clean accuracy (CIFAR-10, Linf 8/255): measured and published setups differ")
+           title="Robust vs clean accuracy, CIFAR-10 Linf 8/255 (measured and published setups differ)")
     ax.grid(alpha=0.3)
     fig.text(0.01, 0.01, setup_caption(measured) if measured else "no measured rows", fontsize=7)
     return _save(fig, path)
@@ -120,10 +143,11 @@ def strength_plot(rows: list[dict], path: Path) -> Path:
         ax.set(xlabel=f"{x_key} ({'continuous time' if x_key == 't_star' else 'diffusion step'})",
                title=f"{defense}: accuracy vs diffusion strength", ylim=(0, 100))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower left")
+        ax.legend(fontsize=7, loc="best")
     axes[0].set_ylabel("accuracy (%), single evaluation")
-    fig.text(0.01, 0.01, " | ".join(captions) + ("; " + setup_caption(rows) if rows else ""), fontsize=6.5)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.text(0.01, 0.01, " | ".join(captions) + "\n" + (setup_caption(sum((sweep_groups(rows, d) for d in SWEEP_AXES), []))
+                                                       if rows else ""), fontsize=7)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     return _save(fig, path)
 
 
@@ -141,19 +165,19 @@ def cost_plot(rows: list[dict], path: Path) -> Path:
     names = sorted(chosen, key=lambda d: chosen[d]["wall_s"] / chosen[d]["n_images"])
     fig, axes = plt.subplots(1, 3, figsize=SIZE_IN, sharey=True)
     metrics = [
-        ("nfe", "diffusion-network calls per purification", lambda r: r["nfe"]),
-        ("time", "seconds per image (attack + evaluation)", lambda r: r["wall_s"] / r["n_images"]),
-        ("memory", "peak memory (MiB)", lambda r: r["peak_mem_mib"]),
+        ("nfe", "network calls\nper purification (NFE)", lambda r: r["nfe"]),
+        ("time", "seconds per image\n(attack + evaluation)", lambda r: r["wall_s"] / r["n_images"]),
+        ("memory", "peak memory, MiB\n(process RSS on CPU: includes\nevery network loaded)", lambda r: r["peak_mem_mib"]),
     ]
     for ax, (_, label, value) in zip(axes, metrics):
         values = [value(chosen[d]) for d in names]
         ax.barh(names, values, color="tab:blue")
         for y, v in enumerate(values):
-            ax.text(v, y, f" {v:.3g}", va="center", fontsize=7)
+            ax.text(v, y, f" {v:.3g}" if v < 100 else f" {v:.0f}", va="center", fontsize=7)
         ax.set(xlabel=label)
         ax.grid(axis="x", alpha=0.3)
     devices = sorted({chosen[d]["device"] for d in names})
-    fig.suptitle(f"Cost per defense under {attack or 'no attack'} ({', '.join(devices) or 'no device'})", fontsize=10)
+    fig.suptitle(f"Cost per defense under {attack or 'no attack'}, full gradients, on {', '.join(devices) or 'no device'}", fontsize=10)
     fig.text(0.01, 0.01, setup_caption(list(chosen.values())) if chosen else "no rows", fontsize=7)
     fig.tight_layout(rect=(0, 0.04, 1, 0.95))
     return _save(fig, path)

@@ -199,3 +199,10 @@ def test_every_bad_input_is_one_line_exit_2_and_leaves_earlier_results_alone(tmp
         assert message in err and err.count("\n") == 1, (extra, err)
         assert {p.name: p.read_bytes() for p in lb.iterdir()} == before, extra
     assert not_a_store.read_bytes() == b"garbage" * 100
+
+
+def test_a_usage_error_is_one_line_too(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--threat", "L3"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "invalid choice: 'L3'" in err

@@ -105,4 +105,5 @@ def test_torchrun_with_two_processes_matches_the_single_process_run(tmp_path, un
     assert "[rank 1/2]" in result.stderr and "[rank 0/2]" in result.stderr  # both ranks computed batches
     assert _samples(out / "results.sqlite") == _samples(reference / "results.sqlite")
     pd.testing.assert_frame_equal(_results_only(out), _results_only(reference))
-    assert sorted(p.suffix for p in out.iterdir()) == [".csv", ".md", ".sqlite"]  # the shard files are gone
+    assert not list(out.glob("*.rank*"))  # the shard files are gone
+    assert sorted(p.suffix for p in out.iterdir()) == [".csv", ".json", ".md", ".sqlite"]
