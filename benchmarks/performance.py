@@ -3,6 +3,8 @@ reports/performance.md. Not part of the test suite (minutes of CPU):
 
     python benchmarks/performance.py --data ../shared/data/cifar10-jpeg [--repeats 3] [--batch 8]
 
+(with the package installed, as the README installs it).
+
 Models: pyautoattack's ResNet-18 and the embedded denoiser (the smoke setup), on the current
 device. Every figure is the median over ``--repeats`` runs.
 """
@@ -30,6 +32,12 @@ from hetpure_bench.peak_memory import PeakMemory
 from hetpure_bench.runner import device_name
 
 ROOT = Path(__file__).resolve().parents[1]
+CPU_MEMORY_CAVEAT = (
+    "\nCaveat (CPU): the memory figures (P1c, P2) are process-RSS peaks measured one after another in "
+    "one process; the allocator keeps freed memory, so a later measurement includes an earlier one's "
+    "high-water mark and the networks loaded. P2 = 1 and P1c here are therefore NOT valid measurements "
+    "yet; each memory figure needs its own process (to do)."
+)
 
 
 def timed(fn, device) -> tuple[float, float]:
@@ -155,6 +163,8 @@ def main() -> None:
     ]
     for name, what, goal, value, raw in rows:
         lines.append(f"| {name} | {what} | {goal} | {value:.3g} | {raw} |")
+    if device.type == "cpu":
+        lines.append(CPU_MEMORY_CAVEAT)
     write_text_atomic(Path(args.out), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
