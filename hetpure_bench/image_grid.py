@@ -10,7 +10,7 @@ from .attacks import build_attacks, mask_temperature
 from .attacks.gradients import attack_model
 from .data import CLASSES
 from .defenses import build_defense
-from .noise import stream_seed
+from .noise import image_seeds
 from .runner import RunSpec, load
 
 
@@ -27,7 +27,7 @@ def image_panels(spec: RunSpec, n: int, device: torch.device, cache: dict) -> li
     x = loaded.data.as_float()[:n].to(device)
     y = loaded.data.labels[:n].to(device)
     indices = [int(i) for i in loaded.data.index[:n]]
-    seeds = lambda purpose: [stream_seed(spec.seed, i, purpose) for i in indices]  # noqa: E731
+    seeds = lambda purpose: image_seeds(spec.seed, indices, purpose)  # noqa: E731
     attack = build_attacks(spec.attack, spec.threat, spec.eps, spec.seed)[0]
     target = attack_model(defense, spec.gradient, mask_temperature(spec.attack))
     for module in {defense, target}:

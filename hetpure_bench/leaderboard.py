@@ -39,7 +39,11 @@ def latest_rows(rows: list[dict], data_source: str, threat: str) -> list[dict]:
 
 def leaderboard_table(rows: list[dict], data_source: str, threat: str) -> pd.DataFrame:
     """latest_rows as a table, best robust accuracy first."""
-    table = pd.DataFrame([{c: r[c] for c in COLUMNS} for r in latest_rows(rows, data_source, threat)], columns=COLUMNS)
+    return _ranked(latest_rows(rows, data_source, threat))
+
+
+def _ranked(latest: list[dict]) -> pd.DataFrame:
+    table = pd.DataFrame([{c: r[c] for c in COLUMNS} for r in latest], columns=COLUMNS)
     return table.sort_values(["robust_acc", "clean_acc"], ascending=False, kind="stable", ignore_index=True)
 
 
@@ -49,22 +53,34 @@ def write_leaderboards(rows: list[dict], directory: Path) -> list[Path]:
     first), each written atomically."""
     written = []
     for data_source, threat in sorted({(r["data_source"], r["threat"]) for r in rows}):
-        table = leaderboard_table(rows, data_source, threat)
+        latest = latest_rows(rows, data_source, threat)
+        table = _ranked(latest)
         csv_path = Path(directory) / f"{leaderboard_stem(data_source, threat)}.csv"
         write_text_atomic(csv_path, table.to_csv(index=False))
         write_text_atomic(csv_path.with_suffix(".md"), to_markdown(table, csv_path.stem))
-        entries = [robustbench_entry(r) for r in latest_rows(rows, data_source, threat)]
+        entries = [robustbench_entry(r) for r in latest]
         write_text_atomic(csv_path.with_suffix(".robustbench.json"), json.dumps(entries, indent=1) + "\n")
         written.append(csv_path)
     return written
 
 
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A table in Markdown; missing values as "-", and "|" inside a cell as "/"."""
+    if frame.empty:
+        return "(none)\n"
+    header = "| " + " | ".join(frame.columns) + " |\n|" + "---|" * len(frame.columns) + "\n"
+    body = "\n".join("| " + " | ".join(_cell(v) for v in record) + " |" for record in frame.itertuples(index=False))
+    return header + body + "\n"
+
+
+def _cell(value) -> str:
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return "-"
+    return str(value).replace("|", "/")
+
+
 def to_markdown(table: pd.DataFrame, title: str) -> str:
-    header = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n"
-    lines = []
-    for record in table.to_dict("records"):
-        cells = [_format(column, record[column]) for column in COLUMNS]
-        lines.append("| " + " | ".join(cells) + " |")
+    formatted = pd.DataFrame({column: [_format(column, v) for v in table[column]] for column in COLUMNS}, columns=COLUMNS)
     note = (
         "Accuracies in %. Each row's setup is spelled out in its columns; rows with different "
         "data, attack, gradient mode or evaluation mode are not comparable. robust_acc is the "
@@ -74,7 +90,7 @@ def to_markdown(table: pd.DataFrame, title: str) -> str:
         "per purification; wall_s = seconds of attack + evaluation summed over batches (sanity checks "
         "excluded); peak_mem_mib = peak process RSS on CPU, max allocated on CUDA.\n\n"
     )
-    return f"# Leaderboard: {title}\n\n{note}{header}" + "\n".join(lines) + "\n"
+    return f"# Leaderboard: {title}\n\n{note}" + markdown_table(formatted)
 
 
 def _format(column: str, value) -> str:
@@ -84,4 +100,4 @@ def _format(column: str, value) -> str:
         return f"{float(value):.1f}"
     if column == "images_per_s":
         return f"{float(value):.3g}"
-    return str(value).replace("|", "/")
+    return str(value)

@@ -54,6 +54,11 @@ def stream_seed(seed: int, index: int, purpose: str) -> int:
     return _seed_from(f"{seed}:{index}:{purpose}")
 
 
+def image_seeds(seed: int, indices, purpose: str) -> list[int]:
+    """The stream seeds of a batch's images (``indices``: their indices in the dataset)."""
+    return [stream_seed(seed, int(i), purpose) for i in indices]
+
+
 class NoiseStreams:
     """Random streams of one defense: ``seeds`` is an int (one shared stream) or one int per image."""
 

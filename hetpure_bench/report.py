@@ -8,27 +8,13 @@ from pathlib import Path
 import pandas as pd
 
 from .atomic import write_text_atomic
-from .leaderboard import leaderboard_table
+from .leaderboard import leaderboard_table, markdown_table
 from .plots import cost_plot, scatter_plot, strength_plot
 from .published import PublishedResult, load_published
 from .report_tables import side_by_side
 
 SUMMARY_COLUMNS = ["defense", "attack", "gradient_mode", "evaluation", "clean_acc", "robust_acc", "nfe",
                    "wall_s", "peak_mem_mib", "sanity"]
-
-
-def markdown_table(frame: pd.DataFrame) -> str:
-    if frame.empty:
-        return "(none)\n"
-    header = "| " + " | ".join(frame.columns) + " |\n|" + "---|" * len(frame.columns) + "\n"
-    body = "\n".join("| " + " | ".join(_cell(v) for v in record) + " |" for record in frame.itertuples(index=False))
-    return header + body + "\n"
-
-
-def _cell(value) -> str:
-    if value is None or (isinstance(value, float) and pd.isna(value)):
-        return "-"
-    return str(value).replace("|", "/")
 
 
 def _summary(table: pd.DataFrame) -> pd.DataFrame:

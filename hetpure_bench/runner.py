@@ -30,7 +30,7 @@ from .diffusion.zoo import DIFFUSION_MODELS, load_diffusion_model
 from .errors import UserError
 from .distributed import Ranks, all_gather, barrier, gather_to_main
 from .evaluation import parse_evaluation_mode, predict
-from .noise import stream_seed
+from .noise import image_seeds
 from .peak_memory import PeakMemory
 from .sanity import SanityConfig, run_sanity_checks, summarise
 from .store import ResultStore, setup_hash
@@ -182,12 +182,12 @@ def evaluate_batch(
     at eps = 0 the adversarial predictions equal the clean ones exactly). Also returns the
     seconds spent attacking ("attack_s") and evaluating ("eval_s" per mode).
     """
-    index_list = [int(i) for i in indices]
+    attack_seeds, evaluate_seeds = image_seeds(seed, indices, "attack"), image_seeds(seed, indices, "evaluate")
     started = time.perf_counter()
     examples = []
     for attack in attacks:
         for module in {defense, target}:
-            module.reseed([stream_seed(seed, i, "attack") for i in index_list])
+            module.reseed(attack_seeds)
         x_adv = attack.perturb(target, x, y, progress=progress)
         if (perturbation_size(x_adv - x, attack.norm) > attack.eps * (1 + 1e-5) + 1e-7).any() or x_adv.min() < 0 or x_adv.max() > 1:
             raise RuntimeError(f"{attack.name} left the {attack.norm} eps-ball or the [0,1] box")  # a bug, never a result
@@ -198,7 +198,7 @@ def evaluate_batch(
         started = time.perf_counter()
         predictions = []
         for inputs in [x, *examples]:
-            defense.reseed([stream_seed(seed, i, "evaluate") for i in index_list])
+            defense.reseed(evaluate_seeds)
             predictions.append(predict(defense, inputs, y, mode))
         records[mode] = _records(predictions[0], predictions[1:], y, indices)
         cost["eval_s"][mode] = time.perf_counter() - started
@@ -336,7 +336,7 @@ def run(
         shard.forget(key)
         if not ranks.is_main:
             return []
-    return finish_rows(key, store, loaded, defense, target, attacks, spec, device)
+    return finish_rows(key, setup, store, loaded, defense, target, attacks, spec, device)
 
 
 def _my_batches(spec: RunSpec, n: int, key: str, store: ResultStore | None, shard: ResultStore, ranks: Ranks) -> list[int]:
@@ -364,19 +364,20 @@ def _merge_shards(key: str, store: ResultStore | None, shard: ResultStore, ranks
                 have.add(start)
 
 
-def finish_rows(key, store, loaded, defense, target, attacks, spec, device) -> list[dict]:
+def finish_rows(key, setup, store, loaded, defense, target, attacks, spec, device) -> list[dict]:
     """Sanity checks (once per setup, kept in the store) and the rows, built from the store."""
-    setup, modes = store.setup(key), evaluation_modes(spec)
+    modes = setup["evaluation_modes"]
     frames = {mode: store.per_image(key, mode) for mode in modes}
     if len(frames[modes[0]]) != len(loaded.data):
         raise RuntimeError(f"store {store.path} holds {len(frames[modes[0]])} of {len(loaded.data)} results")
-    if store.sanity(key) is None:
+    stored = store.sanity(key)
+    if stored is None:
         started = time.perf_counter()
         checks = sanity_checks(defense, target, attacks, loaded.classifier, loaded.data.as_float().to(device),
                                loaded.data.labels.to(device), loaded.data.index, spec, frames)
-        store.save_sanity(key, {m: [dataclasses.asdict(c) for c in cs] for m, cs in checks.items()},
-                          time.perf_counter() - started)
-    checks, sanity_wall = store.sanity(key)
+        stored = {m: [dataclasses.asdict(c) for c in cs] for m, cs in checks.items()}, time.perf_counter() - started
+        store.save_sanity(key, *stored)
+    checks, sanity_wall = stored
     costs = store.batch_costs(key)
     rows = {mode: make_row(setup, mode, frames[mode], costs, checks[mode], sanity_wall, defense.nfe, attacks) for mode in modes}
     store.save_rows(key, rows)

@@ -135,18 +135,14 @@ class ResultStore:
 
     def batches(self, key: str) -> list[tuple[int, dict[str, list[dict]], dict]]:
         """Every committed batch of a setup as (start, records per mode, cost): what a shard sends."""
-        out = []
-        for start, cost in self.db.execute(
-            "SELECT batch_start, cost FROM batches WHERE setup_hash = ? ORDER BY batch_start", (key,)
-        ).fetchall():
-            records: dict[str, list[dict]] = {}
-            for mode, record in self.db.execute(
-                "SELECT mode, record FROM samples WHERE setup_hash = ? AND batch_start = ? ORDER BY image_index",
-                (key, start),
-            ):
-                records.setdefault(mode, []).append(json.loads(record))
-            out.append((start, records, json.loads(cost)))
-        return out
+        records: dict[int, dict[str, list[dict]]] = {}
+        for start, mode, record in self.db.execute(
+            "SELECT batch_start, mode, record FROM samples WHERE setup_hash = ? ORDER BY batch_start, image_index",
+            (key,),
+        ):
+            records.setdefault(start, {}).setdefault(mode, []).append(json.loads(record))
+        costs = self.db.execute("SELECT batch_start, cost FROM batches WHERE setup_hash = ? ORDER BY batch_start", (key,))
+        return [(start, records.get(start, {}), json.loads(cost)) for start, cost in costs]
 
     def per_image(self, key: str, mode: str) -> pd.DataFrame:
         """Per-image records of one evaluation mode, in the order of the run's image subset."""
