@@ -1,17 +1,22 @@
-"""Performance figures P1-P5 (issue M8), timed side by side in one process (memory figures each
-in a fresh process); writes reports/performance.md. Not part of the test suite (minutes of CPU):
+"""Performance figures P1-P5 (issue M8), measured side by side in one process; writes
+reports/performance.md. Not part of the test suite (about 20 minutes of CPU):
 
-    python benchmarks/performance.py --data ../shared/data/cifar10-jpeg [--repeats 3] [--batch 8]
+    python benchmarks/performance.py --data ../shared/data/cifar10-jpeg [--repeats 3] [--batch 8] [--options]
 
-(with the package installed, as the README installs it).
+(with the package installed, as the README installs it). ``--options`` adds the speed-ups that
+were measured and not adopted (channels-last, torch.compile, no checkpointing, inference_mode).
 
 Models: pyautoattack's ResNet-18 and the embedded denoiser (the smoke setup), on the current
-device. Every figure is the median over ``--repeats`` runs.
+device. Times are medians over ``--repeats`` runs after a warm-up. Memory is the peak of live
+tensor bytes during one attack step (``peak_memory.peak_tensor_bytes``, the CPU counterpart of
+CUDA's max_memory_allocated), which does not depend on what the allocator kept from earlier work;
+process RSS, which does, is given for P2 too, each figure from a fresh process.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import subprocess
@@ -20,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
@@ -27,34 +33,40 @@ from hetpure_bench.atomic import write_text_atomic
 from hetpure_bench.classifiers import load_classifier
 from hetpure_bench.data import load_cifar10
 from hetpure_bench.defenses import build_defense
+from hetpure_bench.diffusion.sampling import activation_checkpointing
 from hetpure_bench.diffusion.zoo import load_diffusion_model
-from hetpure_bench.peak_memory import PeakMemory, current_rss_bytes
+from hetpure_bench.leaderboard import markdown_table
+from hetpure_bench.peak_memory import PeakMemory, current_rss_bytes, peak_tensor_bytes
 from hetpure_bench.runner import device_name
 
 ROOT = Path(__file__).resolve().parents[1]
-MEMORY_NOTE = (
-    "\nMemory (P1c, P2): each figure in a fresh process (the allocator keeps freed memory, so figures "
-    "measured one after another in one process would include each other's high-water marks): the peak "
-    "during one attack step minus the level just before it (networks and data loaded), process RSS on "
-    "CPU, allocated memory on CUDA; one measurement each, not a median."
-)
+EOT = 4
+P4_BATCHES = (1, 2, 8)
+
+# glibc keeps freed heap memory and fragments it, so process RSS overstates live memory; these
+# settings make it map large blocks separately and return them at once.
+GLIBC_RETURNS_MEMORY = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+RSS_CASES = {"hetpure-stride2": {"stride": 2}, "hetpure-stride20": {"stride": 20}}
 
 
-def timed(fn, device) -> tuple[float, float]:
-    """(seconds, peak MiB) of one call."""
-    with PeakMemory(device) as peak:
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn, device: torch.device, repeats: int) -> float:
+    fn()  # warm-up
+    runs = []
+    for _ in range(repeats):
         started = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - started
-    return seconds, peak.mib
+        sync(device)
+        runs.append(time.perf_counter() - started)
+    return statistics.median(runs)
 
 
-def median_of(fn, device, repeats: int) -> tuple[float, float]:
-    fn()  # warm-up
-    runs = [timed(fn, device) for _ in range(repeats)]
-    return statistics.median(s for s, _ in runs), statistics.median(m for _, m in runs)
+def peak_mib(fn, device: torch.device) -> float:
+    return peak_tensor_bytes(fn, device) / 2**20
 
 
 def purification(defense, x):
@@ -66,7 +78,8 @@ def purification(defense, x):
 
 
 def attack_step(defense, x, y, eot: int = 1):
-    """One full-gradient PGD-EOT step's forward and backward (the EOT copies in one batch)."""
+    """One full-gradient PGD-EOT step's forward and backward (the EOT copies in one batch, as
+    attacks/pgd_eot.py does)."""
     def go():
         defense.reseed(0)
         x_adv = x.clone().requires_grad_(True)
@@ -87,90 +100,78 @@ def attack_step_looped(defense, x, y, eot: int):
     return go
 
 
-MEMORY_CASES = {  # defense settings of the memory figures, each measured in a process of its own
-    "hetpure-stride20": ("hetpure", {"stride": 20}),
-    "hetpure-stride2": ("hetpure", {"stride": 2}),
-    "repaint-u20": ("repaint", {"stride": 20, "resample_steps": 20}),
-}
+def without_checkpointing(fn):
+    def go():
+        with activation_checkpointing(False):
+            fn()
+    return go
 
 
-# glibc keeps freed heap memory and fragments it, so process RSS overstates live memory; these
-# settings make it map large blocks separately and return them at once.
-GLIBC_RETURNS_MEMORY = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+def rss_growth(case: str, args, env: dict | None = None) -> float:
+    """Process RSS growth (MiB) during one full-gradient attack step, in a fresh process: in one
+    process the allocator would keep an earlier figure's memory."""
+    command = [sys.executable, __file__, "--rss-case", case, "--data", args.data, "--batch", str(args.batch)]
+    out = subprocess.run(command, check=True, capture_output=True, text=True, env={**os.environ, **(env or {})}).stdout
+    return float(out.split()[-1])
 
 
-def attack_step_memory(case: str, args, env: dict | None = None) -> tuple[float, float]:
-    """(peak MiB above the level before the step, absolute peak MiB) of one full-gradient attack
-    step, in a fresh process: in one process the allocator would keep an earlier figure's memory."""
-    command = [sys.executable, __file__, "--memory-case", case, "--data", args.data, "--batch", str(args.batch)]
-    out = subprocess.run(command, check=True, capture_output=True, text=True,
-                         env={**os.environ, **(env or {})}).stdout.split()
-    return float(out[-2]), float(out[-1])
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default="../shared/data/cifar10-jpeg")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--out", default=str(ROOT / "reports" / "performance.md"))
-    parser.add_argument("--skip-p5", action="store_true", help="skip the 3-minute default run")
-    parser.add_argument("--memory-case", choices=sorted(MEMORY_CASES), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+def setup(args):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     classifier = load_classifier("resnet18-pyautoattack").to(device)
     diffusion = load_diffusion_model("embedded-denoiser").to(device)
-    data = load_cifar10(args.data, split="test").subset(args.batch, 0)
+    data = load_cifar10(args.data, split="test").subset(max(args.batch, *P4_BATCHES), 0)
     x, y = data.as_float().to(device), data.labels.to(device)
+    return device, classifier, diffusion, x, y
+
+
+def main_figures(args, device, classifier, diffusion, x_all, y_all) -> list[tuple]:
+    r, b = args.repeats, args.batch
+    x, y = x_all[:b], y_all[:b]
     build = lambda name, **kw: build_defense(name, classifier, diffusion, kw)  # noqa: E731
-    if args.memory_case:  # the child process of attack_step_memory
-        name, settings = MEMORY_CASES[args.memory_case]
-        before = current_rss_bytes() / 2**20 if device.type == "cpu" else torch.cuda.memory_allocated(device) / 2**20
-        _, peak = timed(attack_step(build(name, **settings), x, y), device)
-        print(peak - before, peak)
-        return
-    r = args.repeats
+    het, repaint = build("hetpure", stride=20), build("repaint", stride=20, resample_steps=20)
+    fine = build("hetpure", stride=2)
     rows = []
 
-    het, repaint = build("hetpure", stride=20), build("repaint", stride=20, resample_steps=20)
-    het_p, het_pm = median_of(purification(het, x), device, r)
-    rep_p, rep_pm = median_of(purification(repaint, x), device, r)
-    het_a, _ = median_of(attack_step(het, x, y), device, r)
-    rep_a, _ = median_of(attack_step(repaint, x, y), device, r)
-    (het_am, het_abs), (rep_am, rep_abs) = attack_step_memory("hetpure-stride20", args), attack_step_memory("repaint-u20", args)
+    het_p, rep_p = (median_seconds(purification(d, x), device, r) for d in (het, repaint))
+    het_a, rep_a = (median_seconds(attack_step(d, x, y), device, r) for d in (het, repaint))
+    het_m, rep_m, fine_m = (peak_mib(attack_step(d, x, y), device) for d in (het, repaint, fine))
+    # The paper's "about 90% saved" holds for the whole graph, whose memory grows with the calls;
+    # checkpointing (the runner's setting) keeps memory flat in the calls, so there the ratio is ~1.
+    small = slice(0, 2)  # 190 calls' activations at batch 8 would take several GiB
+    het_g, rep_g = (peak_mib(without_checkpointing(attack_step(d, x[small], y[small])), device) for d in (het, repaint))
     rows += [
         ("P1a", f"hetpure / RePaint-style (U=20) wall time per purification (NFE {het.nfe} vs {repaint.nfe})",
          "<= 0.10", het_p / rep_p, f"{het_p:.2f} s / {rep_p:.2f} s"),
         ("P1b", "hetpure / RePaint-style (U=20) wall time per full-gradient attack step", "<= 0.10",
          het_a / rep_a, f"{het_a:.2f} s / {rep_a:.2f} s"),
-        ("P1c", "hetpure / RePaint-style (U=20) memory of a full-gradient attack step (peak above the level before it)",
-         "<= 0.10", het_am / rep_am, f"{het_am:.0f} MiB / {rep_am:.0f} MiB (absolute peaks {het_abs:.0f} / {rep_abs:.0f} MiB)"),
+        ("P1c", "hetpure / RePaint-style (U=20) peak memory of a full-gradient attack step, network calls checkpointed (the runner)",
+         "<= 0.10", het_m / rep_m, f"{het_m:.1f} MiB / {rep_m:.1f} MiB"),
+        ("P1c'", "the same without checkpointing (the whole graph kept, as in the paper's comparison; 2 images)",
+         "<= 0.10", het_g / rep_g, f"{het_g:.1f} MiB / {rep_g:.1f} MiB"),
+        ("P2", f"peak memory of a full-gradient attack step, {fine.nfe}-step / {het.nfe}-step grid", "<= 1.5",
+         fine_m / het_m, f"{fine_m:.1f} MiB / {het_m:.1f} MiB"),
     ]
-
-    fine, coarse = build("hetpure", stride=2), build("hetpure", stride=20)
-    (fine_m, fine_abs), (coarse_m, coarse_abs) = attack_step_memory("hetpure-stride2", args), (het_am, het_abs)
-    rows.append(("P2", f"memory of a full-gradient attack step (peak above the level before it), {fine.nfe}-step / {coarse.nfe}-step grid",
-                 "<= 1.5", fine_m / coarse_m, f"{fine_m:.0f} MiB / {coarse_m:.0f} MiB (absolute peaks {fine_abs:.0f} / {coarse_abs:.0f} MiB)"))
     if device.type == "cpu":
-        (fine_g, _), (coarse_g, _) = (attack_step_memory(c, args, GLIBC_RETURNS_MEMORY) for c in ("hetpure-stride2", "hetpure-stride20"))
-        rows.append(("P2'", "P2 with glibc returning freed memory at once (" + " ".join(f"{k}={v}" for k, v in GLIBC_RETURNS_MEMORY.items()) + ")",
-                     "<= 1.5", fine_g / coarse_g, f"{fine_g:.0f} MiB / {coarse_g:.0f} MiB"))
+        for label, env in (("", None), (", glibc returning freed memory", GLIBC_RETURNS_MEMORY)):
+            fine_rss, coarse_rss = (rss_growth(case, args, env) for case in ("hetpure-stride2", "hetpure-stride20"))
+            rows.append(("P2 (RSS)", f"P2 by process RSS growth (fresh processes{label})", "<= 1.5",
+                         fine_rss / coarse_rss, f"{fine_rss:.0f} MiB / {coarse_rss:.0f} MiB"))
 
-    t = torch.full((args.batch,), 100, device=device, dtype=torch.long)
-    x_net = x * 2 - 1
+    t = torch.full((b,), 100, device=device, dtype=torch.long)
 
     def network_pass():
         with torch.no_grad():
-            diffusion(x_net, t)
-    pass_s, _ = median_of(network_pass, device, max(r, 5))
+            diffusion(x * 2 - 1, t)
+    pass_s = median_seconds(network_pass, device, max(r, 5))
     rows.append(("P3", "hetpure purification wall / (NFE x one network pass at the same batch)", "<= 1.10",
                  het_p / (het.nfe * pass_s), f"{het_p:.3f} s / ({het.nfe} x {pass_s:.4f} s)"))
 
-    eot = 4
-    batched, _ = median_of(attack_step(coarse, x, y, eot), device, r)
-    looped, _ = median_of(attack_step_looped(coarse, x, y, eot), device, r)
-    rows.append(("P4", f"PGD-EOT step throughput, batched EOT / Python loop (EOT {eot})", ">= 1.5",
-                 looped / batched, f"{looped:.2f} s loop / {batched:.2f} s batched"))
+    for images in P4_BATCHES:
+        xb, yb = x_all[:images], y_all[:images]
+        batched = median_seconds(attack_step(het, xb, yb, EOT), device, r)
+        looped = median_seconds(attack_step_looped(het, xb, yb, EOT), device, r)
+        rows.append(("P4", f"PGD-EOT step throughput, batched EOT / Python loop (EOT {EOT}, {images} image{'s' * (images > 1)})",
+                     ">= 1.5", looped / batched, f"{looped:.2f} s loop / {batched:.2f} s batched"))
 
     if not args.skip_p5:
         p5 = []
@@ -183,18 +184,93 @@ def main() -> None:
                 p5.append(time.perf_counter() - started)
         rows.append(("P5", "wall time of the default `run --defense hetpure` (fresh store)", "<= 180 s",
                      statistics.median(p5), ", ".join(f"{s:.0f} s" for s in p5)))
+    return rows
 
+
+def option_figures(args, device, classifier, diffusion, x_all, y_all) -> list[tuple]:
+    """Speed-ups measured and not adopted: their gain, and what they change in the numbers."""
+    r, x, y = args.repeats, x_all[:args.batch], y_all[:args.batch]
+    eot = 2  # the smoke preset's attack step
+    het = build_defense("hetpure", classifier, diffusion, {"stride": 20})
+    step = attack_step(het, x, y, eot)
+    base = median_seconds(step, device, r)
+    rows = [("none (as adopted)", "1.00", f"{base:.2f} s", "-")]
+
+    def logits():
+        with torch.no_grad():
+            het.reseed(0)
+            return het(x)
+    reference = logits()
+
+    with torch.inference_mode():
+        seconds = median_seconds(lambda: (het.reseed(0), het.purify(x)), device, r)
+    plain = median_seconds(purification(het, x), device, r)
+    rows.append(("inference_mode instead of no_grad (purification only)", f"{plain / seconds:.2f}",
+                 f"{seconds:.2f} s vs {plain:.2f} s", "none"))
+
+    seconds = median_seconds(without_checkpointing(step), device, r)
+    rows.append(("no activation checkpointing", f"{base / seconds:.2f}", f"{seconds:.2f} s",
+                 "none (bit-identical gradients); memory grows with the calls (P1c')"))
+
+    fast = build_defense("hetpure", copy.deepcopy(classifier).to(memory_format=torch.channels_last),
+                         copy.deepcopy(diffusion).to(memory_format=torch.channels_last), {"stride": 20})
+    seconds = median_seconds(attack_step(fast, x.contiguous(memory_format=torch.channels_last), y, eot), device, r)
+    with torch.no_grad():
+        fast.reseed(0)
+        deviation = (fast(x) - reference).abs().max().item()
+    rows.append(("channels-last weights and inputs", f"{base / seconds:.2f}", f"{seconds:.2f} s",
+                 f"logits move by up to {deviation:.1e}: not bit-identical"))
+
+    compiled = build_defense("hetpure", classifier, torch.compile(diffusion), {"stride": 20})
+    started = time.perf_counter()
+    attack_step(compiled, x, y, eot)()
+    first = time.perf_counter() - started
+    seconds = median_seconds(attack_step(compiled, x, y, eot), device, r)
+    with torch.no_grad():
+        compiled.reseed(0)
+        deviation = (compiled(x) - reference).abs().max().item()
+    rows.append(("torch.compile of the denoiser", f"{base / seconds:.2f}", f"{seconds:.2f} s (first call {first:.0f} s)",
+                 f"logits move by up to {deviation:.1e}: not bit-identical"))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="../shared/data/cifar10-jpeg")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--out", default=str(ROOT / "reports" / "performance.md"))
+    parser.add_argument("--skip-p5", action="store_true", help="skip the default runs (3 minutes each)")
+    parser.add_argument("--options", action="store_true", help="also measure the speed-ups not adopted")
+    parser.add_argument("--rss-case", choices=sorted(RSS_CASES), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    device, classifier, diffusion, x, y = setup(args)
+    if args.rss_case:  # the child process of rss_growth
+        defense = build_defense("hetpure", classifier, diffusion, RSS_CASES[args.rss_case])
+        before = current_rss_bytes()
+        with PeakMemory(device) as peak:
+            attack_step(defense, x[:args.batch], y[:args.batch])()
+        print(peak.mib - before / 2**20)
+        return
+    rows = main_figures(args, device, classifier, diffusion, x, y)
     lines = [
         "# Performance (issue M8)\n",
-        f"Measured by `python benchmarks/performance.py --data {args.data} --repeats {r} --batch {args.batch}` on "
-        f"{device_name(device)}: pyautoattack's ResNet-18 and the embedded denoiser, {args.batch} JPEG CIFAR-10 test "
-        f"images (seed 0). Each figure is the median of {r} runs after a warm-up.\n",
-        "| figure | what | goal | measured | raw |",
-        "|---|---|---|---|---|",
+        f"Measured by `python benchmarks/performance.py --data {args.data} --repeats {args.repeats} --batch {args.batch}"
+        f"{' --options' if args.options else ''}` on {device_name(device)}: pyautoattack's ResNet-18 and the embedded "
+        f"denoiser, JPEG CIFAR-10 test images (the first {args.batch} of seed 0's draw unless a row says otherwise). "
+        f"Times are medians of {args.repeats} runs after a warm-up. Memory is the peak of live tensor bytes allocated "
+        "during one attack step (the CPU counterpart of CUDA's max_memory_allocated; one measurement, it does not vary); "
+        "the RSS rows are process resident memory, each from a fresh process.\n",
+        markdown_table(pd.DataFrame([[name, what, goal, f"{value:.3g}", raw] for name, what, goal, value, raw in rows],
+                                    columns=["figure", "what", "goal", "measured", "raw"])),
     ]
-    for name, what, goal, value, raw in rows:
-        lines.append(f"| {name} | {what} | {goal} | {value:.3g} | {raw} |")
-    lines.append(MEMORY_NOTE)
+    if args.options:
+        lines += [
+            f"\n## Speed-ups measured and not adopted\n\nOne full-gradient hetpure attack step (10 calls, {args.batch} "
+            f"images, EOT 2), median of {args.repeats}; speed-up = adopted time / option's time.\n",
+            markdown_table(pd.DataFrame(option_figures(args, device, classifier, diffusion, x, y),
+                                        columns=["option", "speed-up", "time", "what it changes in the numbers"])),
+        ]
     write_text_atomic(Path(args.out), "\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
@@ -42,14 +44,31 @@ def worst_case(predictions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(defense: nn.Module, x01: torch.Tensor, labels: torch.Tensor, mode: str) -> torch.Tensor:
-    """Predicted labels (B,) of ``defense`` on [0,1] images under an evaluation mode (the labels
-    are needed by worst-of-N only)."""
+def purification_passes(defense: nn.Module, x01: torch.Tensor, passes: int) -> tuple[torch.Tensor, list[float]]:
+    """Predicted labels (passes, B) of ``passes`` successive calls of ``defense`` on [0,1]
+    images, and the seconds each call took."""
+    predictions, seconds = [], []
+    for _ in range(passes):
+        started = time.perf_counter()
+        predictions.append(defense(x01).argmax(1))
+        seconds.append(time.perf_counter() - started)
+    return torch.stack(predictions), seconds
+
+
+def combine(mode: str, predictions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """One mode's labels (B,) from the first passes of ``predictions`` (passes, B): after one
+    reseed, pass k is the same for every mode, so modes can share their passes."""
     kind, passes = parse_evaluation_mode(mode)
-    logits = [defense(x01) for _ in range(passes)]
-    predictions = torch.stack([l.argmax(1) for l in logits])
+    if passes > predictions.shape[0]:
+        raise ValueError(f"{mode} needs {passes} passes, got {predictions.shape[0]}")
     if kind == "single":
         return predictions[0]
     if kind == "vote":
-        return majority_vote(predictions, logits[0].shape[1])
-    return worst_case(predictions, labels.to(predictions.device))
+        return majority_vote(predictions[:passes], int(predictions.max()) + 1)
+    return worst_case(predictions[:passes], labels.to(predictions.device))
+
+
+def predict(defense: nn.Module, x01: torch.Tensor, labels: torch.Tensor, mode: str) -> torch.Tensor:
+    """Predicted labels (B,) of ``defense`` on [0,1] images under an evaluation mode (the labels
+    are needed by worst-of-N only)."""
+    return combine(mode, purification_passes(defense, x01, parse_evaluation_mode(mode)[1])[0], labels)

@@ -5,7 +5,7 @@ import torch
 
 from hetpure_bench.defenses import DEFENSES, build_defense
 from hetpure_bench.defenses.diffpure import DiffPure, DiffPureConfig
-from hetpure_bench.defenses.hetpure import HeterogeneousPurifier, HetPureConfig
+from hetpure_bench.defenses.hetpure import HeterogeneousPurifier, HetPureConfig, distinct_prefix
 from hetpure_bench.diffusion import sampling
 from hetpure_bench.diffusion.sampling import ddim_sample
 from hetpure_bench.diffusion.schedule import VPSchedule, q_forward, q_sample, timestep_grid
@@ -153,7 +153,7 @@ def test_defense_noise_is_isolated_from_the_global_rng():
     "name, overrides",
     [("hetpure", {"t_l": 40, "t_s": 20, "stride": 5}), ("diffpure", {"t_star": 0.02}), ("diffpure", {"t_star": 0.02, "sampler": "sde"})],
 )
-def test_checkpointed_gradients_equal_plain_gradients(name, overrides, monkeypatch):
+def test_checkpointed_gradients_equal_plain_gradients(name, overrides):
     classifier, diffusion = tiny_models(dtype=torch.float64)
     defense = build_defense(name, classifier, diffusion, overrides, seed=1)
     y = torch.tensor([1, 2])
@@ -164,11 +164,18 @@ def test_checkpointed_gradients_equal_plain_gradients(name, overrides, monkeypat
         loss = torch.nn.functional.cross_entropy(defense(x), y)
         return torch.autograd.grad(loss, x)[0]
 
-    with_checkpointing = gradient()
-    monkeypatch.setattr(sampling, "checkpoint", lambda fn, *args, **kwargs: fn(*args))
-    without = gradient()
-    torch.testing.assert_close(with_checkpointing, without, rtol=1e-5, atol=1e-10)
+    def saved_bytes() -> int:  # what autograd keeps for the backward pass of one gradient
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel() * t.element_size()) or t, lambda t: t):
+            gradient()
+        return sum(sizes)
+
+    with_checkpointing, checkpointed_bytes = gradient(), saved_bytes()
+    with sampling.activation_checkpointing(False):
+        without, plain_bytes = gradient(), saved_bytes()
+    assert torch.equal(with_checkpointing, without)  # the recomputation is exact
     assert torch.isfinite(with_checkpointing).all() and with_checkpointing.abs().sum() > 0
+    assert plain_bytes > checkpointed_bytes  # the switch really keeps the network's activations
 
 
 def test_surrogates_have_the_asked_for_calls():
@@ -224,6 +231,39 @@ def test_hetpure_computes_the_mask_once_per_call_and_leaves_no_hooks():
     assert len(calls) == 2  # one pass for the mask, one to classify the purified images
     for module in (classifier.layer1, classifier.layer2):
         assert not module._forward_hooks
+
+
+def test_distinct_prefix_finds_the_repeated_images():
+    x = _x(3)
+    assert distinct_prefix(x) == 3
+    assert distinct_prefix(x.repeat(4, 1, 1, 1)) == 3
+    assert distinct_prefix(x[:1].repeat(5, 1, 1, 1)) == 1
+    assert distinct_prefix(torch.cat([x, x[:2]])) == 5  # not whole copies
+
+
+def test_hetpure_computes_the_mask_once_per_distinct_input():
+    classifier, diffusion = tiny_models()
+    rows = []
+    classifier.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    defense = build_defense("hetpure", classifier, diffusion, {"t_l": 40, "t_s": 20, "stride": 10})
+    fresh = build_defense("hetpure", classifier, diffusion, {"t_l": 40, "t_s": 20, "stride": 10})
+    x, other = _x(2), _x(2, seed=1)
+    with torch.no_grad():
+        masks = defense.mask(x.repeat(3, 1, 1, 1))  # an EOT batch: the mask of 2 images, repeated
+        assert rows == [2] and torch.equal(masks, fresh.mask(x).repeat(3, 1, 1, 1))
+        rows.clear()
+        defense.reseed(0)
+        first = defense(x)
+        second = defense(x)  # the same input again (a worst-of-N pass): no new mask pass
+        assert rows == [2, 2, 2]  # mask, classify, classify
+        assert not torch.equal(first, second)  # the noise still advances between the passes
+        rows.clear()
+        assert torch.equal(defense.mask(other), fresh.mask(other)) and rows == [2, 2]  # a new input: recomputed
+    relaxed = defense.with_mask_gradient(0.1)
+    rows.clear()
+    x_adv = x.repeat(2, 1, 1, 1).requires_grad_(True)
+    relaxed.mask(x_adv).sum().backward()
+    assert rows == [4]  # the mask-aware attack differentiates every copy's mask
 
 
 def test_hooks_are_removed_when_the_classifier_fails_mid_mask():

@@ -1,7 +1,6 @@
 """The committed denoiser: loadable offline, small, and actually useful as a purifier."""
 
 import pytest
-import torch
 
 from hetpure_bench.classifiers import load_classifier
 from hetpure_bench.data import load_cifar10

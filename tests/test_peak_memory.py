@@ -1,6 +1,6 @@
 import torch
 
-from hetpure_bench.peak_memory import PeakMemory, current_rss_bytes
+from hetpure_bench.peak_memory import PeakMemory, current_rss_bytes, peak_tensor_bytes
 
 
 def test_the_peak_covers_a_short_lived_allocation():
@@ -12,3 +12,18 @@ def test_the_peak_covers_a_short_lived_allocation():
         del big
     assert peak.mib * 2**20 >= before + 48 * 2**20
     assert current_rss_bytes() < peak.peak_bytes
+
+
+def test_peak_tensor_bytes_counts_live_tensors_only():
+    kept = torch.ones(2**20)  # allocated before: not counted
+
+    def work():
+        a = torch.ones(2**20)  # 4 MiB
+        b = a * 2  # 8 MiB live at the peak
+        del a, b
+        c = torch.ones(2**19)  # 2 MiB, after the peak
+        return c
+
+    peak = peak_tensor_bytes(work, torch.device("cpu"))
+    assert 8 * 2**20 <= peak < 8 * 2**20 + 2**16
+    assert kept.sum() == 2**20

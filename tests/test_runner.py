@@ -43,6 +43,21 @@ def test_per_image_results_do_not_depend_on_the_batch_size():
             pd.testing.assert_frame_equal(frames[0][mode], other[mode])
 
 
+def test_modes_evaluated_together_share_passes_and_equal_each_mode_alone():
+    classifier, diffusion = tiny_models()
+    defense = build_defense("hetpure", classifier, diffusion, {"t_l": 40, "t_s": 20, "stride": 20})
+    x, y, index = _data()
+    attack = PGDEOT(eps=0.05, step_size=0.02, steps=1, eot=1)
+    calls = []
+    defense.register_forward_pre_hook(lambda module, args: calls.append(1))
+    run = lambda modes: evaluate_modes(defense, defense, [attack], x, y, index, RunSpec(defense="hetpure", batch_size=6),  # noqa: E731
+                                       modes, progress=False)
+    together = run(["single", "vote:3", "worst:3"])
+    assert len(calls) == 1 + 2 * 3  # the attack's one pass, then 3 passes each for clean and adversarial
+    for mode in ("single", "vote:3", "worst:3"):
+        pd.testing.assert_frame_equal(together[mode], run([mode])[mode])
+
+
 def test_attack_lowers_accuracy_of_the_bare_classifier():
     classifier, _ = tiny_models()
     defense = build_defense("none", classifier, None)

@@ -1,6 +1,6 @@
 """Heterogeneous-noise purification (Pei et al., CVPR 2025, "Divide and Conquer").
 
-1. Attention mask M of the input (1 = high attention), computed once per call.
+1. Attention mask M of the input (1 = high attention), computed once per distinct input image.
 2. Heterogeneous forward: the whole image to t_l.
 3. Stage 1, grid points t >= t_s: x_t <- x_t * M + q(x_t | x_input) * (1 - M) with fresh noise,
    so the low-attention region follows the input (it leaves stage 1 at noise level ~t_s);
@@ -66,6 +66,15 @@ class HetPureConfig:
             raise UserError("hetpure stride and jump_length must be >= 1")
 
 
+def distinct_prefix(x: torch.Tensor) -> int:
+    """The smallest n such that the batch ``x`` is its first n rows repeated (x.repeat(k, ...))."""
+    rows = x.shape[0]
+    for n in range(1, rows):
+        if rows % n == 0 and torch.equal(x[n:], x[:-n]):  # period n: row i equals row i + n
+            return n
+    return rows
+
+
 class HeterogeneousPurifier(Defense):
     name = "hetpure"
     config_class = HetPureConfig
@@ -77,6 +86,7 @@ class HeterogeneousPurifier(Defense):
             config = dataclasses.replace(config, mask=dataclasses.replace(config.mask, hooks=tuple(hooks)))
         super().__init__(classifier, diffusion, config, seed)
         self.mask_temperature: float | None = None  # set only for the mask-aware attack
+        self._last_attention: tuple[torch.Tensor, torch.Tensor] | None = None  # (input, its mask)
 
     def with_mask_gradient(self, temperature: float) -> "HeterogeneousPurifier":
         """The same defense with a straight-through differentiable mask (the mask-aware
@@ -135,8 +145,21 @@ class HeterogeneousPurifier(Defense):
             return x01.new_ones(shape)
         if mode == "zeros":
             return x01.new_zeros(shape)
-        attention = attention_mask(self.classifier, x01, self.config.mask, self.mask_temperature)
+        attention = self._attention(x01)
         return attention if mode == "attention" else self._random_like(attention)
+
+    def _attention(self, x01: torch.Tensor) -> torch.Tensor:
+        """The attention mask, one classifier pass per distinct image: an EOT batch repeats its
+        images, and evaluation's passes (worst-of-N, vote-of-m) purify the same input again."""
+        if self.mask_temperature is not None and torch.is_grad_enabled():  # the attacker moves it
+            return attention_mask(self.classifier, x01, self.config.mask, self.mask_temperature)
+        last = self._last_attention
+        if last is not None and last[0].shape == x01.shape and last[0].device == x01.device and torch.equal(last[0], x01):
+            return last[1]
+        n = distinct_prefix(x01)
+        attention = attention_mask(self.classifier, x01[:n], self.config.mask).repeat(x01.shape[0] // n, 1, 1, 1)
+        self._last_attention = (x01.detach().clone(), attention)
+        return attention
 
     def _random_like(self, mask: torch.Tensor) -> torch.Tensor:
         """Per image, the same number of ones as ``mask`` at uniformly random pixels."""

@@ -6,7 +6,9 @@ must differentiate through the whole loop.
 
 from __future__ import annotations
 
-from typing import Callable
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Callable, Iterator
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -15,13 +17,30 @@ from .schedule import VPSchedule, ddim_step
 
 Step = Callable[[torch.Tensor, int, int], torch.Tensor]
 
+_CHECKPOINTING: ContextVar[bool] = ContextVar("activation_checkpointing", default=True)
+
+
+@contextmanager
+def activation_checkpointing(enabled: bool) -> Iterator[None]:
+    """Within the block, network calls under a recorded gradient are checkpointed or not.
+
+    On (the default): backward memory is flat in the number of steps, for one extra network
+    forward per call. Off: the graph keeps every call's activations (memory grows with the
+    steps), and backward skips the recomputation. The gradients are the same bit for bit.
+    """
+    token = _CHECKPOINTING.set(enabled)
+    try:
+        yield
+    finally:
+        _CHECKPOINTING.reset(token)
+
 
 class NetworkCaller:
     """Calls an eps-model and counts the calls.
 
-    When a gradient is being recorded, each call is wrapped in activation checkpointing, so the
-    memory of a backward pass through the loop does not grow with the number of steps. The
-    recomputation is exact: the network is deterministic (eval mode) and all sampler noise is
+    When a gradient is being recorded, each call is wrapped in activation checkpointing (unless
+    ``activation_checkpointing(False)`` is in effect), so the memory of a backward pass through
+    the loop does not grow with the number of steps. The recomputation is exact: the network is deterministic (eval mode) and all sampler noise is
     drawn outside the checkpointed call from the defense's own generator.
     """
 
@@ -31,7 +50,7 @@ class NetworkCaller:
 
     def __call__(self, x: torch.Tensor, t: int) -> torch.Tensor:
         self.calls += 1
-        if torch.is_grad_enabled() and x.requires_grad:
+        if torch.is_grad_enabled() and x.requires_grad and _CHECKPOINTING.get():
             return checkpoint(self.model, x, t, use_reentrant=False)
         return self.model(x, t)
 
