@@ -25,9 +25,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import pandas as pd
-import torch
-import torch.nn.functional as F
+# torch.compile (an option measured below) would otherwise leave a pool of compile workers that
+# compete with the timings for the two cores.
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from hetpure_bench.atomic import write_text_atomic
 from hetpure_bench.classifiers import load_classifier
@@ -40,6 +44,26 @@ from hetpure_bench.peak_memory import PeakMemory, current_rss_bytes, peak_tensor
 from hetpure_bench.runner import device_name
 
 ROOT = Path(__file__).resolve().parents[1]
+READING = """
+## Reading
+
+- P1a, P1b: hetpure's time saving is its number of network calls (10 against 190), and the
+  sampler adds little beyond the network (P3).
+- P1c cannot meet its goal while P2 meets its own, and should not: the runner checkpoints every
+  network call, so an attack step keeps each call's input (one image batch) and, at its peak, one
+  call's activations and the classifier's, whatever the number of calls. Peak memory is then
+  nearly the same for 10 and 190 calls. The paper's "about 90% saved" is a property of the whole
+  graph, whose memory grows with the calls: P1c' measures that and meets the goal. Checkpointing
+  stays the default because it keeps memory flat (P2); it costs one more network forward per call,
+  and `run --no-checkpointing` trades that memory for the speed (options: bit-identical results).
+- P2 by process RSS is larger than by live tensors because glibc keeps freed heap blocks; with
+  glibc told to return them (second RSS row) the RSS ratio falls towards the live-tensor ratio.
+- P4: batching the EOT copies pays while one copy's pass does not keep both cores busy (1 or 2
+  images per batch); at 8 images the loop already fills the cores, the batched pass does the same
+  arithmetic, and what remains is one attention-mask pass per image instead of per copy.
+- P6 is asked for a GPU; none was available to this task, so it is the CPU's estimate (it
+  shows why the paper presets need one).
+"""
 EOT = 4
 P4_BATCHES = (1, 2, 8)
 
@@ -54,15 +78,21 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_seconds(fn, device: torch.device, repeats: int) -> float:
-    fn()  # warm-up
-    runs = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        sync(device)
-        runs.append(time.perf_counter() - started)
-    return statistics.median(runs)
+def seconds_of(fn, device: torch.device) -> float:
+    started = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - started
+
+
+def paired(first, second, device: torch.device, repeats: int) -> tuple[float, float, float]:
+    """(median seconds of ``first``, of ``second``, median of the per-round ratio first / second),
+    the two timed in alternation after a warm-up of each: this machine's speed drifts by tens of
+    percent over minutes, and alternating keeps the drift out of the ratio."""
+    first(), second()
+    rounds = [(seconds_of(first, device), seconds_of(second, device)) for _ in range(repeats)]
+    return (statistics.median(a for a, _ in rounds), statistics.median(b for _, b in rounds),
+            statistics.median(a / b for a, b in rounds))
 
 
 def peak_mib(fn, device: torch.device) -> float:
@@ -119,7 +149,7 @@ def setup(args):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     classifier = load_classifier("resnet18-pyautoattack").to(device)
     diffusion = load_diffusion_model("embedded-denoiser").to(device)
-    data = load_cifar10(args.data, split="test").subset(max(args.batch, *P4_BATCHES), 0)
+    data = load_cifar10(args.data, split="test").subset(max(args.batch, 32, *P4_BATCHES), 0)
     x, y = data.as_float().to(device), data.labels.to(device)
     return device, classifier, diffusion, x, y
 
@@ -132,8 +162,8 @@ def main_figures(args, device, classifier, diffusion, x_all, y_all) -> list[tupl
     fine = build("hetpure", stride=2)
     rows = []
 
-    het_p, rep_p = (median_seconds(purification(d, x), device, r) for d in (het, repaint))
-    het_a, rep_a = (median_seconds(attack_step(d, x, y), device, r) for d in (het, repaint))
+    het_p, rep_p, purification_ratio = paired(purification(het, x), purification(repaint, x), device, r)
+    het_a, rep_a, step_ratio = paired(attack_step(het, x, y), attack_step(repaint, x, y), device, r)
     het_m, rep_m, fine_m = (peak_mib(attack_step(d, x, y), device) for d in (het, repaint, fine))
     # The paper's "about 90% saved" holds for the whole graph, whose memory grows with the calls;
     # checkpointing (the runner's setting) keeps memory flat in the calls, so there the ratio is ~1.
@@ -141,9 +171,9 @@ def main_figures(args, device, classifier, diffusion, x_all, y_all) -> list[tupl
     het_g, rep_g = (peak_mib(without_checkpointing(attack_step(d, x[small], y[small])), device) for d in (het, repaint))
     rows += [
         ("P1a", f"hetpure / RePaint-style (U=20) wall time per purification (NFE {het.nfe} vs {repaint.nfe})",
-         "<= 0.10", het_p / rep_p, f"{het_p:.2f} s / {rep_p:.2f} s"),
+         "<= 0.10", purification_ratio, f"{het_p:.2f} s / {rep_p:.2f} s"),
         ("P1b", "hetpure / RePaint-style (U=20) wall time per full-gradient attack step", "<= 0.10",
-         het_a / rep_a, f"{het_a:.2f} s / {rep_a:.2f} s"),
+         step_ratio, f"{het_a:.2f} s / {rep_a:.2f} s"),
         ("P1c", "hetpure / RePaint-style (U=20) peak memory of a full-gradient attack step, network calls checkpointed (the runner)",
          "<= 0.10", het_m / rep_m, f"{het_m:.1f} MiB / {rep_m:.1f} MiB"),
         ("P1c'", "the same without checkpointing (the whole graph kept, as in the paper's comparison; 2 images)",
@@ -157,21 +187,21 @@ def main_figures(args, device, classifier, diffusion, x_all, y_all) -> list[tupl
             rows.append(("P2 (RSS)", f"P2 by process RSS growth (fresh processes{label})", "<= 1.5",
                          fine_rss / coarse_rss, f"{fine_rss:.0f} MiB / {coarse_rss:.0f} MiB"))
 
-    t = torch.full((b,), 100, device=device, dtype=torch.long)
+    t, x_net = torch.full((b,), 100, device=device, dtype=torch.long), x * 2 - 1
 
-    def network_pass():
+    def network_only():  # the purification's network calls alone, back to back like in the loop
         with torch.no_grad():
-            diffusion(x * 2 - 1, t)
-    pass_s = median_seconds(network_pass, device, max(r, 5))
+            for _ in range(het.nfe):
+                diffusion(x_net, t)
+    het_p, network_s, ratio = paired(purification(het, x), network_only, device, max(r, 5))
     rows.append(("P3", "hetpure purification wall / (NFE x one network pass at the same batch)", "<= 1.10",
-                 het_p / (het.nfe * pass_s), f"{het_p:.3f} s / ({het.nfe} x {pass_s:.4f} s)"))
+                 ratio, f"{het_p:.3f} s / ({het.nfe} x {network_s / het.nfe:.4f} s)"))
 
     for images in P4_BATCHES:
         xb, yb = x_all[:images], y_all[:images]
-        batched = median_seconds(attack_step(het, xb, yb, EOT), device, r)
-        looped = median_seconds(attack_step_looped(het, xb, yb, EOT), device, r)
+        looped, batched, ratio = paired(attack_step_looped(het, xb, yb, EOT), attack_step(het, xb, yb, EOT), device, r)
         rows.append(("P4", f"PGD-EOT step throughput, batched EOT / Python loop (EOT {EOT}, {images} image{'s' * (images > 1)})",
-                     ">= 1.5", looped / batched, f"{looped:.2f} s loop / {batched:.2f} s batched"))
+                     ">= 1.5", ratio, f"{looped:.2f} s loop / {batched:.2f} s batched"))
 
     if not args.skip_p5:
         p5 = []
@@ -184,6 +214,14 @@ def main_figures(args, device, classifier, diffusion, x_all, y_all) -> list[tupl
                 p5.append(time.perf_counter() - started)
         rows.append(("P5", "wall time of the default `run --defense hetpure` (fresh store)", "<= 180 s",
                      statistics.median(p5), ", ".join(f"{s:.0f} s" for s in p5)))
+
+    dry_run = subprocess.run([sys.executable, "-m", "hetpure_bench", "run", "--preset", "paper-wrn28-linf", "--defense", "hetpure",
+                              "--dry-run"], check=True, capture_output=True, text=True, cwd=ROOT,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout.strip().splitlines()[-1]
+    hours = dry_run.strip("| ").split(" | ")[-1]
+    rows.append(("P6", "estimated wall time of the hetpure row of the `paper-wrn28-linf` preset on this device "
+                 "(`run --preset paper-wrn28-linf --defense hetpure --dry-run`: measured network passes x calls)",
+                 "- (the issue asks it of a GPU)", float(hours.split()[0].replace(",", "")), f"{hours} hours"))
     return rows
 
 
@@ -193,44 +231,40 @@ def option_figures(args, device, classifier, diffusion, x_all, y_all) -> list[tu
     eot = 2  # the smoke preset's attack step
     het = build_defense("hetpure", classifier, diffusion, {"stride": 20})
     step = attack_step(het, x, y, eot)
-    base = median_seconds(step, device, r)
-    rows = [("none (as adopted)", "1.00", f"{base:.2f} s", "-")]
+    rows = []
 
-    def logits():
+    def speedup(name: str, option, adopted=step, changes: str = "none") -> None:
+        option_s, adopted_s, ratio = paired(option, adopted, device, r)
+        rows.append((name, f"{1 / ratio:.2f}", f"{option_s:.2f} s vs {adopted_s:.2f} s", changes))
+
+    def deviation_from_adopted(defense) -> str:
         with torch.no_grad():
+            het.reseed(0), defense.reseed(0)
+            deviation = (defense(x) - het(x)).abs().max().item()
+        if deviation == 0:
+            return "none seen: the logits of the images bit-identical"
+        return f"logits move by up to {deviation:.1e}: results may change"
+
+    def inference_mode_purification():
+        with torch.inference_mode():
             het.reseed(0)
-            return het(x)
-    reference = logits()
-
-    with torch.inference_mode():
-        seconds = median_seconds(lambda: (het.reseed(0), het.purify(x)), device, r)
-    plain = median_seconds(purification(het, x), device, r)
-    rows.append(("inference_mode instead of no_grad (purification only)", f"{plain / seconds:.2f}",
-                 f"{seconds:.2f} s vs {plain:.2f} s", "none"))
-
-    seconds = median_seconds(without_checkpointing(step), device, r)
-    rows.append(("no activation checkpointing", f"{base / seconds:.2f}", f"{seconds:.2f} s",
-                 "none (bit-identical gradients); memory grows with the calls (P1c')"))
+            het.purify(x)
+    speedup("inference_mode instead of no_grad (purification only)", inference_mode_purification, purification(het, x))
+    speedup("no activation checkpointing", without_checkpointing(step),
+            changes="none (bit-identical gradients); memory grows with the calls (P1c')")
+    smoke = attack_step(het, x_all[:32], y_all[:32], eot)  # the smoke preset's batch: 32 images
+    speedup("no activation checkpointing, 32 images (the smoke batch)", without_checkpointing(smoke), smoke,
+            "none; memory grows with the calls")
 
     fast = build_defense("hetpure", copy.deepcopy(classifier).to(memory_format=torch.channels_last),
                          copy.deepcopy(diffusion).to(memory_format=torch.channels_last), {"stride": 20})
-    seconds = median_seconds(attack_step(fast, x.contiguous(memory_format=torch.channels_last), y, eot), device, r)
-    with torch.no_grad():
-        fast.reseed(0)
-        deviation = (fast(x) - reference).abs().max().item()
-    rows.append(("channels-last weights and inputs", f"{base / seconds:.2f}", f"{seconds:.2f} s",
-                 f"logits move by up to {deviation:.1e}: not bit-identical"))
+    speedup("channels-last weights and inputs", attack_step(fast, x.contiguous(memory_format=torch.channels_last), y, eot),
+            changes=deviation_from_adopted(fast))
 
     compiled = build_defense("hetpure", classifier, torch.compile(diffusion), {"stride": 20})
-    started = time.perf_counter()
-    attack_step(compiled, x, y, eot)()
-    first = time.perf_counter() - started
-    seconds = median_seconds(attack_step(compiled, x, y, eot), device, r)
-    with torch.no_grad():
-        compiled.reseed(0)
-        deviation = (compiled(x) - reference).abs().max().item()
-    rows.append(("torch.compile of the denoiser", f"{base / seconds:.2f}", f"{seconds:.2f} s (first call {first:.0f} s)",
-                 f"logits move by up to {deviation:.1e}: not bit-identical"))
+    first = seconds_of(attack_step(compiled, x, y, eot), device)
+    speedup(f"torch.compile of the denoiser (first call {first:.0f} s)", attack_step(compiled, x, y, eot),
+            changes=deviation_from_adopted(compiled))
     return rows
 
 
@@ -257,17 +291,21 @@ def main() -> None:
         "# Performance (issue M8)\n",
         f"Measured by `python benchmarks/performance.py --data {args.data} --repeats {args.repeats} --batch {args.batch}"
         f"{' --options' if args.options else ''}` on {device_name(device)}: pyautoattack's ResNet-18 and the embedded "
-        f"denoiser, JPEG CIFAR-10 test images (the first {args.batch} of seed 0's draw unless a row says otherwise). "
-        f"Times are medians of {args.repeats} runs after a warm-up. Memory is the peak of live tensor bytes allocated "
+        f"denoiser, JPEG CIFAR-10 test images (the first {args.batch} of the 32 drawn with seed 0, unless a row says "
+        "otherwise). "
+        f"Times are medians of {args.repeats} runs after a warm-up; "
+        "the two sides of a time ratio are timed in alternation and the ratio is the median of the rounds' ratios. Memory is the peak of live tensor bytes allocated "
         "during one attack step (the CPU counterpart of CUDA's max_memory_allocated; one measurement, it does not vary); "
         "the RSS rows are process resident memory, each from a fresh process.\n",
-        markdown_table(pd.DataFrame([[name, what, goal, f"{value:.3g}", raw] for name, what, goal, value, raw in rows],
+        markdown_table(pd.DataFrame([[name, what, goal, f"{value:.3g}" if value < 1000 else f"{value:,.0f}", raw] for name, what, goal, value, raw in rows],
                                     columns=["figure", "what", "goal", "measured", "raw"])),
+        READING if device.type == "cpu" else "",
     ]
     if args.options:
         lines += [
             f"\n## Speed-ups measured and not adopted\n\nOne full-gradient hetpure attack step (10 calls, {args.batch} "
-            f"images, EOT 2), median of {args.repeats}; speed-up = adopted time / option's time.\n",
+            f"images, EOT 2) unless a row says otherwise; option and adopted code timed in alternation, {args.repeats} "
+            "rounds; speed-up = the median over rounds of adopted time / option's time.\n",
             markdown_table(pd.DataFrame(option_figures(args, device, classifier, diffusion, x, y),
                                         columns=["option", "speed-up", "time", "what it changes in the numbers"])),
         ]

@@ -31,6 +31,10 @@ def _add_output_options(parser: argparse.ArgumentParser) -> None:
                         "rerunning a command computes only what is not in it yet")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="auto: this process's GPU when there is one (torchrun: LOCAL_RANK), else the CPU")
+    parser.add_argument("--no-checkpointing", action="store_true",
+                        help="keep every network call's activations for the attack's backward pass instead of "
+                        "recomputing them: faster (about 1.5x per attack step on CPU at smoke scale), the same "
+                        "results bit for bit, but memory grows with the number of network calls")
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -171,6 +175,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _execute(specs: list, args: argparse.Namespace) -> int:
     """Check every row, load what they need, then run them through the result store."""
     from . import distributed
+    from .diffusion.sampling import activation_checkpointing
     from .leaderboard import write_leaderboards
     from .runner import load, run, validate
     from .store import ResultStore
@@ -196,12 +201,13 @@ def _execute(specs: list, args: argparse.Namespace) -> int:
     store = ResultStore(store_path) if ranks.is_main else None
     shard = ResultStore(ranks.shard_path(store_path)) if ranks.distributed else None
     try:
-        for spec in specs:
-            rows = run(spec, store, cache=cache, ranks=ranks, device=device, shard=shard)
-            if rows:
-                write_leaderboards(store.rows(), leaderboard_dir)
-            for row in rows:
-                _report(row, leaderboard_dir, store_path)
+        with activation_checkpointing(not args.no_checkpointing):  # bit-identical either way: not in the setup
+            for spec in specs:
+                rows = run(spec, store, cache=cache, ranks=ranks, device=device, shard=shard)
+                if rows:
+                    write_leaderboards(store.rows(), leaderboard_dir)
+                for row in rows:
+                    _report(row, leaderboard_dir, store_path)
     finally:
         if store is not None:
             store.close()

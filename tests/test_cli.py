@@ -109,6 +109,28 @@ def test_sweep_runs_one_row_per_point(tmp_path, monkeypatch, capsys):
     assert "has no sweep 'nope' (it has: t)" in capsys.readouterr().err
 
 
+def test_no_checkpointing_changes_no_result(tmp_path, monkeypatch):
+    from conftest import write_image_tar
+    import hetpure_bench.runner as runner
+    from hetpure_bench.diffusion import sampling
+
+    preset = {"classifier": "resnet18-pyautoattack", "diffusion_model": "embedded-denoiser", "n_images": 2,
+              "attacks": {"pgd-eot": {"steps": 1, "eot": 2}}, "batch_size": 2, "sanity": {"images": 0},
+              "defenses": {"hetpure": {"stride": 100}}}
+    monkeypatch.setattr("hetpure_bench.runner.load_preset", lambda name: json.loads(json.dumps(preset)))
+    checkpointing, real_run = [], runner.run
+    monkeypatch.setattr(runner, "run", lambda *a, **k: checkpointing.append(sampling._CHECKPOINTING.get()) or real_run(*a, **k))
+    data = write_image_tar(tmp_path / "test.tar", 2, "test")
+    records = []
+    for name, flags in (("a", []), ("b", ["--no-checkpointing"])):
+        assert main(["run", "--defense", "hetpure", "--data", str(data), "--leaderboard-dir", str(tmp_path / name)] + flags) == 0
+        with ResultStore(tmp_path / name / "results.sqlite") as store:
+            (key,) = {row["setup_hash"] for row in store.rows()}
+            records.append(store.per_image(key, "single"))
+    assert checkpointing == [True, False]
+    pd.testing.assert_frame_equal(records[0], records[1])
+
+
 def test_report_without_a_store_is_one_line(tmp_path, capsys):
     assert main(["report", "--store", str(tmp_path / "none.sqlite")]) == 2
     assert "no result store at" in capsys.readouterr().err
