@@ -7,6 +7,8 @@ Workloads (smoke setup: pyautoattack's ResNet-18, the embedded denoiser, hetpure
 grid, the first images of the 32 drawn with seed 0): one full-gradient PGD-EOT step on 32 images
 with EOT 2 (the smoke attack's step) and on 8 images with EOT 4, and the evaluation of the clean
 images and one adversarial batch under "single" and "worst:5" together (the smoke modes).
+It repeats performance.py's attack step on purpose: performance.py imports what older checkouts
+do not have, and this script must run against them.
 """
 
 from __future__ import annotations

@@ -137,6 +137,12 @@ def without_checkpointing(fn):
     return go
 
 
+def cli(*args: str) -> str:
+    """Run ``python -m hetpure_bench ARGS`` on this checkout; its standard output."""
+    return subprocess.run([sys.executable, "-m", "hetpure_bench", *args], check=True, capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout
+
+
 def rss_growth(case: str, args, env: dict | None = None) -> float:
     """Process RSS growth (MiB) during one full-gradient attack step, in a fresh process: in one
     process the allocator would keep an earlier figure's memory."""
@@ -208,16 +214,12 @@ def main_figures(args, device, classifier, diffusion, x_all, y_all) -> list[tupl
         for _ in range(r):
             with tempfile.TemporaryDirectory() as tmp:
                 started = time.perf_counter()
-                subprocess.run([sys.executable, "-m", "hetpure_bench", "run", "--defense", "hetpure", "--data", args.data,
-                                "--leaderboard-dir", tmp], check=True, capture_output=True, cwd=ROOT,
-                               env={**os.environ, "PYTHONPATH": str(ROOT)})
+                cli("run", "--defense", "hetpure", "--data", args.data, "--leaderboard-dir", tmp)
                 p5.append(time.perf_counter() - started)
         rows.append(("P5", "wall time of the default `run --defense hetpure` (fresh store)", "<= 180 s",
                      statistics.median(p5), ", ".join(f"{s:.0f} s" for s in p5)))
 
-    dry_run = subprocess.run([sys.executable, "-m", "hetpure_bench", "run", "--preset", "paper-wrn28-linf", "--defense", "hetpure",
-                              "--dry-run"], check=True, capture_output=True, text=True, cwd=ROOT,
-                             env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout.strip().splitlines()[-1]
+    dry_run = cli("run", "--preset", "paper-wrn28-linf", "--defense", "hetpure", "--dry-run").strip().splitlines()[-1]
     hours = dry_run.strip("| ").split(" | ")[-1]
     rows.append(("P6", "estimated wall time of the hetpure row of the `paper-wrn28-linf` preset on this device "
                  "(`run --preset paper-wrn28-linf --defense hetpure --dry-run`: measured network passes x calls)",
@@ -250,7 +252,7 @@ def option_figures(args, device, classifier, diffusion, x_all, y_all) -> list[tu
             het.reseed(0)
             het.purify(x)
     speedup("inference_mode instead of no_grad (purification only)", inference_mode_purification, purification(het, x))
-    speedup("no activation checkpointing", without_checkpointing(step),
+    speedup("no activation checkpointing (opt-in: run --no-checkpointing)", without_checkpointing(step),
             changes="none (bit-identical gradients); memory grows with the calls (P1c')")
     smoke = attack_step(het, x_all[:32], y_all[:32], eot)  # the smoke preset's batch: 32 images
     speedup("no activation checkpointing, 32 images (the smoke batch)", without_checkpointing(smoke), smoke,

@@ -40,8 +40,9 @@ class NetworkCaller:
 
     When a gradient is being recorded, each call is wrapped in activation checkpointing (unless
     ``activation_checkpointing(False)`` is in effect), so the memory of a backward pass through
-    the loop does not grow with the number of steps. The recomputation is exact: the network is deterministic (eval mode) and all sampler noise is
-    drawn outside the checkpointed call from the defense's own generator.
+    the loop does not grow with the number of steps. The recomputation is exact: the network is
+    deterministic (eval mode) and all sampler noise is drawn outside the checkpointed call from
+    the defense's own generator.
     """
 
     def __init__(self, model: torch.nn.Module):
