@@ -143,12 +143,25 @@ def _parse_setting(text: str, option: str) -> tuple[str, object]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from .runner import preset_sibling
+
+    specs = _run_specs(args, args.preset)
+    if args.dry_run and preset_sibling(args.preset):  # a paper preset: show both protocol families
+        sibling = preset_sibling(args.preset)
+        _execute(specs, args)
+        print(f"\n--- sibling preset {sibling} ---")
+        return _execute(_run_specs(args, sibling), args)
+    return _execute(specs, args)
+
+
+def _run_specs(args: argparse.Namespace, preset: str) -> list:
+    """The rows of ``run``: one spec per defense, the preset's settings under the command line's."""
     from .defenses import DEFENSES, load_entry_point_defenses
     from .runner import load_preset, spec_from_preset
 
     load_entry_point_defenses()
     if args.defense is None:  # the defenses the preset configures
-        names = list((load_preset(args.preset).get("defenses") or {})) or ["hetpure"]
+        names = list((load_preset(preset).get("defenses") or {})) or ["hetpure"]
     elif args.defense == "all":
         names = DEFENSES.names()
     else:
@@ -159,9 +172,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     }.items() if v is not None}
     attack.update(_parse_setting(s, "--attack-arg") for s in args.attack_arg)
     sanity = {"images": args.sanity_images} if args.sanity_images is not None else None
-    specs = [
+    return [
         spec_from_preset(
-            args.preset, name, classifier=args.classifier, diffusion_model=args.diffusion_model,
+            preset, name, classifier=args.classifier, diffusion_model=args.diffusion_model,
             data=args.data, n_images=args.n, seed=args.seed, threat=args.threat, eps=args.eps,
             gradient=args.gradient, evaluation=args.evaluation, batch_size=args.batch_size,
             attack=attack, defense_overrides=dict(_parse_setting(s, "--defense-arg") for s in args.defense_arg),
@@ -169,7 +182,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         for name in names
     ]
-    return _execute(specs, args)
 
 
 def _execute(specs: list, args: argparse.Namespace) -> int:

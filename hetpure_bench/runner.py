@@ -54,7 +54,8 @@ class RunSpec:
     diffusion_model: str = "embedded-denoiser"
     data: str | None = None
     n_images: int = 32
-    seed: int = 0
+    seed: int = 0  # the defense's and the attack's noise
+    data_seed: int | None = None  # the image subset's RandomState seed (None: ``seed``)
     threat: str = "Linf"
     eps: float = 8 / 255
     attack: dict = field(default_factory=lambda: {"name": "pgd-eot"})
@@ -72,6 +73,13 @@ def load_preset(name: str) -> dict:
         known = sorted(p.name[:-5] for p in resources.files("hetpure_bench").joinpath("presets").iterdir() if p.name.endswith(".yaml"))
         raise UserError(f"unknown preset {name!r} (known: {', '.join(known)})")
     return yaml.safe_load(path.read_text())
+
+
+def preset_sibling(name: str) -> str | None:
+    """The other protocol family of a paper preset: ``P-reference`` (the authors' own evaluation)
+    for ``P`` (the strongest protocol) and back; None when there is no such preset."""
+    other = name[: -len("-reference")] if name.endswith("-reference") else f"{name}-reference"
+    return other if (resources.files("hetpure_bench") / "presets" / f"{other}.yaml").is_file() else None
 
 
 def spec_from_preset(preset: str, defense: str, **overrides: Any) -> RunSpec:
@@ -257,8 +265,9 @@ def load(spec: RunSpec, device: torch.device, cache: dict) -> Loaded:
             cache[key] = loader()
         return cache[key]
 
-    data = cached(("data", spec.data, spec.n_images, spec.seed),
-                  lambda: load_cifar10(spec.data, split="test").subset(spec.n_images, spec.seed))
+    data_seed = spec.seed if spec.data_seed is None else spec.data_seed
+    data = cached(("data", spec.data, spec.n_images, data_seed),
+                  lambda: load_cifar10(spec.data, split="test").subset(spec.n_images, data_seed))
     classifier = cached(("classifier", spec.classifier, device), lambda: load_classifier(spec.classifier).to(device))
     diffusion = None
     if DEFENSES.build(spec.defense).needs_diffusion:

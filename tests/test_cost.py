@@ -43,3 +43,5 @@ def test_paper_preset_dry_run_times_the_real_architectures(capsys):
     assert main(["run", "--preset", "paper-wrn28-linf", "--dry-run", "--defense", "hetpure,diffpure"]) == 0
     out = capsys.readouterr().out
     assert "random weights of the same architecture" in out and "| hetpure | score-sde-ddpmpp | 100 |" in out
+    assert "--- sibling preset paper-wrn28-linf-reference ---" in out  # both protocol families
+    assert "| surrogate:2 |" in out and "| full |" in out

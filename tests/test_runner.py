@@ -1,3 +1,5 @@
+import dataclasses
+
 import pandas as pd
 import pytest
 import torch
@@ -171,3 +173,36 @@ def test_the_smoke_preset_keeps_every_registered_defense_at_smoke_scale():
         spec = spec_from_preset("smoke", name)
         defense = build_defense(name, nn.Identity(), nn.Identity(), spec.defense_overrides, threat=spec.threat)
         assert defense.nfe <= 20, f"{name}: {defense.nfe} network calls in the smoke preset"
+
+
+def test_paper_presets_come_in_two_protocol_families():
+    """`paper-*-reference` is the authors' evaluation; `paper-*` the strongest the project offers."""
+    from hetpure_bench.runner import preset_sibling
+
+    for stem in ("paper-wrn28-linf", "paper-wrn28-l2", "paper-wrn70-linf"):
+        assert preset_sibling(stem) == f"{stem}-reference" and preset_sibling(f"{stem}-reference") == stem
+        reference, strongest = spec_from_preset(f"{stem}-reference", "hetpure"), spec_from_preset(stem, "hetpure")
+        assert (reference.gradient, reference.evaluation, reference.seed, reference.data_seed) == ("surrogate:2", "vote:20", 2024, 0)
+        assert reference.attack == {"name": "autoattack", "version": "rand", "eot": 20}
+        assert reference.defense_overrides["mask.reference_input"] is True
+        assert (strongest.gradient, strongest.seed, strongest.data_seed) == ("full", 0, 0)
+        assert "mask.reference_input" not in strongest.defense_overrides
+        assert (reference.classifier, reference.diffusion_model, reference.n_images) == (
+            strongest.classifier, strongest.diffusion_model, strongest.n_images)
+    assert spec_from_preset("paper-wrn28-l2-reference", "hetpure").eps == pytest.approx(8 / 255)  # the authors' L2 run
+    assert spec_from_preset("paper-wrn28-l2", "hetpure").eps == 0.5
+    assert preset_sibling("smoke") is None
+
+
+def test_the_image_subset_has_its_own_seed(tmp_path):
+    """data_seed picks the images, seed the noise: the reference draws images with RandomState(0)
+    and seeds its noise with 2024."""
+    from conftest import write_image_tar
+    from hetpure_bench.runner import load
+
+    data = write_image_tar(tmp_path / "test.tar", 30, "test")
+    base = RunSpec(defense="none", data=str(data), n_images=4, seed=2024, data_seed=0)
+    by_data_seed = load(base, torch.device("cpu"), {}).data.index
+    by_seed_0 = load(dataclasses.replace(base, seed=0, data_seed=None), torch.device("cpu"), {}).data.index
+    assert torch.equal(by_data_seed, by_seed_0)
+    assert not torch.equal(by_data_seed, load(dataclasses.replace(base, data_seed=None), torch.device("cpu"), {}).data.index)
