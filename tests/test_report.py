@@ -10,7 +10,7 @@ from hetpure_bench.plots import cost_plot, image_grid_plot, scatter_plot, streng
 from hetpure_bench.published import load_published
 from hetpure_bench.report import write_report
 from hetpure_bench.report_tables import side_by_side
-from test_leaderboard import _row
+from test_leaderboard import _row, store_with
 from tiny_models import tiny_models
 
 PUBLISHED = load_published("""
@@ -64,7 +64,8 @@ def test_side_by_side_puts_published_and_measured_numbers_in_their_cells():
 
 
 def test_robustbench_entries_are_written_with_the_leaderboard(tmp_path):
-    write_leaderboards(_rows(), tmp_path)
+    with store_with(tmp_path / "s.sqlite", _rows()) as store:
+        write_leaderboards(store, tmp_path)
     entries = json.loads((tmp_path / "cifar10-jpeg-Linf.robustbench.json").read_text())
     by_attack = {(e["name"], e["external"], e["autoattack_acc"]) for e in entries}
     assert ("hetpure (c + d)", "25.00", "") in by_attack and ("hetpure (c + d)", "50.00", "50.00") in by_attack
