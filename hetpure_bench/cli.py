@@ -217,7 +217,7 @@ def _execute(specs: list, args: argparse.Namespace) -> int:
             for spec in specs:
                 rows = run(spec, store, cache=cache, ranks=ranks, device=device, shard=shard)
                 if rows:
-                    write_leaderboards(store.rows(), leaderboard_dir)
+                    write_leaderboards(store, leaderboard_dir)
                 for row in rows:
                     _report(row, leaderboard_dir, store_path)
     finally:

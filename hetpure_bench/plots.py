@@ -53,6 +53,14 @@ def place_labels(points: list[tuple[float, float, str]], char_width: float, heig
     return placed
 
 
+def error_lengths(rows: list[dict], name: str) -> np.ndarray:
+    """Matplotlib's asymmetric error bars (2 x len(rows), percentage points) from the rows'
+    ``<name>_ci`` intervals; zero length where a row has none (stored before rows carried them)."""
+    lengths = [(r[f"{name}_acc"] - r[f"{name}_ci"][0], r[f"{name}_ci"][1] - r[f"{name}_acc"]) if r.get(f"{name}_ci")
+               else (0.0, 0.0) for r in rows]
+    return 100 * np.array(lengths, dtype=float).reshape(-1, 2).T
+
+
 def headline_rows(rows: list[dict]) -> list[dict]:
     """One row per defense: among its single-evaluation rows on the most images (sweeps use
     fewer), the strongest attack's."""
@@ -71,15 +79,18 @@ def scatter_plot(rows: list[dict], published: list[PublishedResult], path: Path)
     """Robust vs clean accuracy: measured defenses (strongest attack run, single evaluation) next
     to published purification results and adversarial-training references."""
     fig, ax = plt.subplots(figsize=SIZE_IN)
-    measured = headline_rows(rows)
-    points = [(100 * r["clean_acc"], 100 * r["robust_acc"], r["defense"]) for r in measured]
-    ordered = sorted(points, key=lambda p: (p[1], p[0]))
+    measured = sorted(headline_rows(rows), key=lambda r: (r["robust_acc"], r["clean_acc"]))
+    ordered = [(100 * r["clean_acc"], 100 * r["robust_acc"], r["defense"]) for r in measured]
+    if measured:  # 95% intervals over images in both directions, drawn under the markers
+        ax.errorbar([p[0] for p in ordered], [p[1] for p in ordered], xerr=error_lengths(measured, "clean"),
+                    yerr=error_lengths(measured, "robust"), fmt="none", ecolor="tab:blue", alpha=0.35, lw=1, capsize=2)
     for (x, y, text), (lx, ly) in zip(ordered, place_labels(ordered, 0.62, 2.4)):
-        ax.scatter(x, y, marker="o", color="tab:blue", s=40)
+        ax.scatter(x, y, marker="o", color="tab:blue", s=40, zorder=3)
         ax.annotate(text, (x, y), xytext=(lx, ly), fontsize=8, va="bottom",
                     arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.5})
     handles = [plt.Line2D([], [], marker="o", color="tab:blue", linestyle="",
-                          label="measured here: one per defense, strongest attack run, single evaluation")]
+                          label="measured here: one per defense, strongest attack run, single evaluation; "
+                                "bars: 95% intervals over images")]
     # Published points are told apart in the legend, not by labels (they cluster).
     colors = {"purification": plt.cm.Reds(np.linspace(0.45, 0.95, 4)), "reference": plt.cm.Greys(np.linspace(0.35, 0.85, 4))}
     counters = {"purification": 0, "reference": 0}
@@ -127,27 +138,32 @@ def strength_plot(rows: list[dict], path: Path) -> Path:
         group = sweep_groups(rows, defense)
         if not group:
             ax.text(0.5, 0.5, f"no {defense} sweep in the store", ha="center", transform=ax.transAxes)
-        by_line: dict[str, list] = {}
+        by_line: dict[str, list[dict]] = {}
         for row in group:
-            values = config_values(row["defense_config"])
-            by_line.setdefault(values.get(line_key, "") if line_key else "", []).append(
-                (float(values[x_key]), 100 * row["clean_acc"], 100 * row["robust_acc"]))
-        for k, (line, points) in enumerate(sorted(by_line.items(), key=lambda item: float(item[0] or 0))):
-            x, clean, robust = np.array(sorted(points)).T
+            by_line.setdefault(config_values(row["defense_config"]).get(line_key, "") if line_key else "", []).append(row)
+        x_of = lambda r: float(config_values(r["defense_config"])[x_key])  # noqa: E731 - x_key of this panel
+        width = np.ptp([x_of(r) for r in group]) if group else 0.0
+        for k, (line, members) in enumerate(sorted(by_line.items(), key=lambda item: float(item[0] or 0))):
+            members = sorted(members, key=x_of)
+            x = np.array([x_of(r) for r in members])
             color = plt.cm.viridis(k / max(1, len(by_line) - 1) * 0.85)
             label = f"{line_key} = {line}" if line_key else defense
-            ax.plot(x, clean, "o--", color=color, label=f"clean, {label}")
-            ax.plot(x, robust, "s-", color=color, label=f"robust, {label}")
+            for j, (name, style) in enumerate((("clean", "o--"), ("robust", "s-"))):
+                # Each line is shifted apart a little so that the intervals do not hide each other.
+                shift = width * 0.015 * (2 * k + j - (2 * len(by_line) - 1) / 2)
+                ax.errorbar(x + shift, [100 * r[f"{name}_acc"] for r in members], yerr=error_lengths(members, name),
+                            fmt=style, color=color, capsize=2, elinewidth=0.8, label=f"{name}, {label}")
         if group:
             captions.append(f"{defense}: {group[0]['attack']}, gradient {group[0]['gradient_mode']}, {group[0]['n_images']} images")
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3)  # below: the data fill the panel
         ax.set(xlabel=f"{x_key} ({'continuous time' if x_key == 't_star' else 'diffusion step'})",
                title=f"{defense}: accuracy vs diffusion strength", ylim=(0, 100))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
     axes[0].set_ylabel("accuracy (%), single evaluation")
-    fig.text(0.01, 0.01, " | ".join(captions) + "\n" + (setup_caption(sum((sweep_groups(rows, d) for d in SWEEP_AXES), []))
-                                                       if rows else ""), fontsize=7)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    setup = setup_caption(sum((sweep_groups(rows, d) for d in SWEEP_AXES), [])) if rows else ""
+    fig.text(0.01, 0.01, "bars: 95% intervals over images (lines shifted apart slightly along x)\n"
+             + " | ".join(captions) + "\n" + setup, fontsize=7)
+    fig.tight_layout(rect=(0, 0.075, 1, 1))
     return _save(fig, path)
 
 

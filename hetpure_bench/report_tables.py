@@ -86,6 +86,16 @@ def robustbench_entry(row: dict) -> dict:
         "autoattack_acc": f"{100 * row['robust_acc']:.2f}" if autoattack else "",
         "external": f"{100 * row['robust_acc']:.2f}",
         "footnote": (f"Measured by hetpure_bench: {measured_setup(row)}; defense config {row['defense_config']}; "
-                     f"sanity {row['sanity']}."),
+                     f"{interval_footnote(row)}; sanity {row['sanity']}."),
         "setup_hash": row["setup_hash"],
     }
+
+
+def interval_footnote(row: dict) -> str:
+    """ "intervals over 32 images (Wilson 95%): clean [67.2, 93.1]%, robust [15.6, 45.4]%", or
+    a dash for rows stored before rows carried intervals."""
+    if not row.get("clean_ci") or not row.get("robust_ci"):
+        return "intervals -"
+    (clean_low, clean_high), (robust_low, robust_high) = row["clean_ci"], row["robust_ci"]
+    return (f"intervals over {row['n_images']} images ({row['interval_method']}): clean "
+            f"[{100 * clean_low:.1f}, {100 * clean_high:.1f}]%, robust [{100 * robust_low:.1f}, {100 * robust_high:.1f}]%")

@@ -179,7 +179,7 @@ def _existing_results(folder):
 
     with ResultStore(folder / "results.sqlite") as store:
         store.save_rows("earlier", {"single": _row()})
-        write_leaderboards(store.rows(), folder)
+        write_leaderboards(store, folder)
     return {p.name: p.read_bytes() for p in folder.iterdir()}
 
 

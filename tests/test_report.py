@@ -6,11 +6,11 @@ import torch
 
 from hetpure_bench.defenses import build_defense
 from hetpure_bench.leaderboard import write_leaderboards
-from hetpure_bench.plots import cost_plot, image_grid_plot, scatter_plot, strength_plot
+from hetpure_bench.plots import cost_plot, error_lengths, image_grid_plot, scatter_plot, strength_plot
 from hetpure_bench.published import load_published
 from hetpure_bench.report import write_report
 from hetpure_bench.report_tables import side_by_side
-from test_leaderboard import _row
+from test_leaderboard import _row, store_with
 from tiny_models import tiny_models
 
 PUBLISHED = load_published("""
@@ -64,7 +64,8 @@ def test_side_by_side_puts_published_and_measured_numbers_in_their_cells():
 
 
 def test_robustbench_entries_are_written_with_the_leaderboard(tmp_path):
-    write_leaderboards(_rows(), tmp_path)
+    with store_with(tmp_path / "s.sqlite", _rows()) as store:
+        write_leaderboards(store, tmp_path)
     entries = json.loads((tmp_path / "cifar10-jpeg-Linf.robustbench.json").read_text())
     by_attack = {(e["name"], e["external"], e["autoattack_acc"]) for e in entries}
     assert ("hetpure (c + d)", "25.00", "") in by_attack and ("hetpure (c + d)", "50.00", "50.00") in by_attack
@@ -82,6 +83,17 @@ def test_each_figure_is_a_png_of_the_expected_size(tmp_path):
     stage = {"image": torch.rand(8, 8, 3).numpy(), "title": "x"}
     panels = {"hetpure": [{"label": "cat", "stages": [stage] * 5}] * 2, "diffpure": [{"label": "dog", "stages": [stage] * 4}]}
     assert _png_size(image_grid_plot(panels, tmp_path / "d.png")) == (5 * 160, 3 * 175)
+
+
+def test_error_bars_come_from_the_rows_intervals(tmp_path):
+    rows = [_row(clean_acc=0.75, clean_ci=[0.5, 0.875], robust_acc=0.25, robust_ci=[0.125, 0.5]), _row()]  # 2nd: none
+    assert error_lengths(rows, "clean").tolist() == [[25.0, 0.0], [12.5, 0.0]]  # (below, above) in points
+    assert error_lengths(rows, "robust").tolist() == [[12.5, 0.0], [25.0, 0.0]]
+    with_bars = [{**r, "clean_ci": [r["clean_acc"] - 0.2, r["clean_acc"] + 0.05],
+                  "robust_ci": [max(0, r["robust_acc"] - 0.1), r["robust_acc"] + 0.15]} for r in _rows()]
+    for plot in (lambda rows, path: scatter_plot(rows, PUBLISHED, path), strength_plot):
+        plain, drawn = plot(_rows(), tmp_path / "plain.png"), plot(with_bars, tmp_path / "bars.png")
+        assert plain.read_bytes() != drawn.read_bytes()  # the intervals are drawn
 
 
 def test_a_report_regenerated_from_the_same_rows_is_identical(tmp_path):

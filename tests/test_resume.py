@@ -54,7 +54,7 @@ def _samples(store):
 
 
 def _results_only(leaderboard_dir):
-    csv, = leaderboard_dir.glob("*.csv")  # one data source, one threat model
+    csv, = leaderboard_dir.glob("*-Linf.csv")  # one data source, one threat model (not the .headline.csv)
     return pd.read_csv(csv).drop(columns=COST_COLUMNS)
 
 
