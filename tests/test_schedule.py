@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hetpure_bench.diffusion.schedule import (
-    CLEAN, VPSchedule, ddim_step, ddpm_step, predict_x0, q_forward, q_sample, timestep_grid,
+    CLEAN, VPSchedule, ddim_step, ddpm_mean_variance, ddpm_step, predict_x0, q_forward, q_sample, timestep_grid,
 )
 
 S = VPSchedule()
@@ -101,6 +101,31 @@ def test_ddpm_step_mean_and_variance():
     assert torch.equal(ddpm_step(S, x0, 0, eps[:5], g, "small"), ddpm_step(S, x0, 0, eps[:5], g, "large"))
     with pytest.raises(ValueError):
         ddpm_step(S, x0, 3, eps[:5], g, variance="medium")
+
+
+def test_fixedlarge_variance_and_clipped_x0_mean_hand_computed():
+    betas = [1e-4 + i * (0.02 - 1e-4) / 999 for i in range(1000)]
+    abar = [math.prod(1 - b for b in betas[: i + 1]) for i in range(8)]
+    beta_tilde_1 = betas[1] * (1 - abar[0]) / (1 - abar[1])
+    x_t = torch.tensor([0.3, 0.99, -0.98], dtype=torch.float64)
+    eps = torch.tensor([-0.4, -0.5, 0.6], dtype=torch.float64)
+    t = torch.tensor([5, 5, 5])
+    _, var = ddpm_mean_variance(S, x_t, torch.tensor([0, 5, 7]), eps, variance="fixedlarge")
+    assert var.tolist() == pytest.approx([beta_tilde_1, betas[5], betas[7]], rel=1e-12)
+    mean, _ = ddpm_mean_variance(S, x_t, t, eps, clip_x0=True)
+    expected = []
+    for x, e in zip(x_t.tolist(), eps.tolist()):
+        x0 = min(1.0, max(-1.0, (x - math.sqrt(1 - abar[5]) * e) / math.sqrt(abar[5])))
+        coef_x0, coef_xt = betas[5] * math.sqrt(abar[4]), (1 - abar[4]) * math.sqrt(1 - betas[5])
+        expected.append((coef_x0 * x0 + coef_xt * x) / (1 - abar[5]))
+    assert mean.tolist() == pytest.approx(expected, rel=1e-12)
+    # Where x0_hat is inside [-1,1] (the first entry) the two mean formulas agree; at t = 0 the
+    # clipped mean is the clamped x0_hat.
+    unclipped, _ = ddpm_mean_variance(S, x_t, t, eps)
+    assert mean[0].item() == pytest.approx(unclipped[0].item(), rel=1e-12)
+    assert mean[1].item() != pytest.approx(unclipped[1].item(), rel=1e-6)
+    last, _ = ddpm_mean_variance(S, x_t, 0, eps, clip_x0=True)
+    torch.testing.assert_close(last, predict_x0(S, x_t, 0, eps).clamp(-1, 1))
 
 
 def test_ddpm_last_step_returns_x0_prediction():

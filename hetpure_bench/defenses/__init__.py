@@ -58,7 +58,7 @@ HETPURE_VARIANTS = {
 
 register_defense(NoDefense, summary="the bare classifier (no purification)")
 register_defense(DiffPure, summary="DiffPure (Nie et al., ICML 2022): diffuse to t*, reverse process to 0")
-register_defense(GDMP, summary="GDMP (Wang et al., 2022): DDPM purification guided by SSIM or MSE to the input")
+register_defense(GDMP, summary="GDMP (Wang et al., 2022): DDPM purification guided by MSE (or SSIM) to the input, as its official code")
 register_defense(
     HeterogeneousPurifier,
     summary="heterogeneous-noise purification (Pei et al., CVPR 2025): attention mask, two-stage DDIM, single-step resampling",

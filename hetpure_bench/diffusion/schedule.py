@@ -116,31 +116,55 @@ def ddim_step(
     return abar_s.sqrt() * x0_hat + (1.0 - abar_s).sqrt() * eps
 
 
+VARIANCES = ("small", "large", "clipped", "fixedlarge")
+"""The ancestral-step variance choices of ``ddpm_mean_variance``."""
+
+
+def _posterior_variance(schedule: VPSchedule, t: torch.Tensor) -> torch.Tensor:
+    """beta_tilde_t = beta_t (1 - abar_{t-1}) / (1 - abar_t): zero at t = 0."""
+    return schedule.beta(t) * (1.0 - schedule.alpha_bar(t - 1)) / (1.0 - schedule.alpha_bar(t))
+
+
 def ddpm_mean_variance(
     schedule: VPSchedule,
     x_t: torch.Tensor,
     t: int | torch.Tensor,
     eps: torch.Tensor,
     variance: str = "small",
+    clip_x0: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and variance (broadcastable to x_t) of the ancestral step p(x_{t-1} | x_t).
 
-    mean = (x_t - beta_t / sqrt(1 - abar_t) * eps) / sqrt(1 - beta_t). ``variance`` is "small"
-    (posterior beta_tilde_t = beta_t (1 - abar_{t-1}) / (1 - abar_t), zero at t = 0), "large"
-    (beta_t, DDPM's other choice) or "clipped" ("small" with the t = 0 value replaced by the
-    t = 1 value: DDPM's clipped log-variance, which GDMP uses as its guidance weight).
+    mean = (x_t - beta_t / sqrt(1 - abar_t) * eps) / sqrt(1 - beta_t), which is the posterior
+    mean of q(x_{t-1} | x_t, x0_hat); with ``clip_x0`` it is the posterior mean of x0_hat clamped
+    to [-1,1] instead (DDPM's sampler code): (beta_t sqrt(abar_{t-1}) x0 + (1 - abar_{t-1})
+    sqrt(1 - beta_t) x_t) / (1 - abar_t), the clamped x0_hat itself at t = 0.
+    ``variance`` is "small" (posterior beta_tilde_t, zero at t = 0), "large" (beta_t, DDPM's other
+    choice), "clipped" ("small" with the t = 0 value replaced by the t = 1 value: DDPM's clipped
+    log-variance) or "fixedlarge" ("large" with the t = 0 value replaced by beta_tilde_1: the
+    log-variance of DDPM's CIFAR-10 sampler, which GDMP uses for its noise and guidance weight).
     """
     t_tensor = torch.as_tensor(t, dtype=torch.long)
     beta = schedule.beta(t_tensor)
     abar_t = schedule.alpha_bar(t_tensor)
-    if variance in ("small", "clipped"):
-        t_var = t_tensor.clamp_min(1) if variance == "clipped" else t_tensor
-        var = schedule.beta(t_var) * (1.0 - schedule.alpha_bar(t_var - 1)) / (1.0 - schedule.alpha_bar(t_var))
+    if variance == "small":
+        var = _posterior_variance(schedule, t_tensor)
+    elif variance == "clipped":
+        var = _posterior_variance(schedule, t_tensor.clamp_min(1))
     elif variance == "large":
         var = beta
+    elif variance == "fixedlarge":
+        var = torch.where(t_tensor == 0, _posterior_variance(schedule, torch.ones_like(t_tensor)), beta)
     else:
-        raise ValueError(f"variance must be 'small', 'large' or 'clipped', got {variance!r}")
-    mean = (x_t - _coef(beta / (1.0 - abar_t).sqrt(), x_t) * eps) / _coef((1.0 - beta).sqrt(), x_t)
+        raise ValueError(f"variance must be one of {', '.join(VARIANCES)}, got {variance!r}")
+    if clip_x0:
+        abar_prev = schedule.alpha_bar(t_tensor - 1)
+        x0_hat = predict_x0(schedule, x_t, t_tensor, eps).clamp(-1.0, 1.0)
+        coef_x0 = beta * abar_prev.sqrt() / (1.0 - abar_t)
+        coef_xt = (1.0 - abar_prev) * (1.0 - beta).sqrt() / (1.0 - abar_t)
+        mean = _coef(coef_x0, x_t) * x0_hat + _coef(coef_xt, x_t) * x_t
+    else:
+        mean = (x_t - _coef(beta / (1.0 - abar_t).sqrt(), x_t) * eps) / _coef((1.0 - beta).sqrt(), x_t)
     return mean, _coef(var, x_t)
 
 
