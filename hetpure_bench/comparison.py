@@ -223,7 +223,8 @@ def _sentence(store: ResultStore, row: dict, reference: dict, name: str, referen
 def _defense_lines(store: ResultStore, rows: list[dict], images) -> list[str]:
     """Each defense against diffpure and none under the same attack, on the same images."""
     lines = []
-    key = lambda r: (*images[id(r)], r["classifier"], r["threat"], r["eps"], r["attack"], r["gradient_mode"], r["evaluation"])  # noqa: E731
+    key = lambda r: (*images[id(r)], r["classifier"], r["threat"], r["eps"], r["attack"],  # noqa: E731
+                     r["gradient_mode"], r["evaluation"])
     for group in _group(rows, key):
         names = _short_configs(group)
         bullets = []
@@ -257,7 +258,10 @@ def _attack_lines(store: ResultStore, rows: list[dict], images) -> list[str]:
         strongest = _ranked(trusted, best=False)
         name = lambda r: f"{r['attack']} (gradient {r['gradient_mode']})"  # noqa: E731
         others = sorted((r for r in group if r is not strongest), key=name)
-        lines += [f"**{_short_configs(group)[id(strongest)]} + {strongest['diffusion_model']}, evaluation "
+        # The configuration settings that tell this defense configuration from its others here.
+        own = distinct_settings(strongest["defense_config"],
+                                [r["defense_config"] for r in rows if r["defense"] == strongest["defense"]])
+        lines += [f"**{strongest['defense']}{f' [{own}]' if own else ''} + {strongest['diffusion_model']}, evaluation "
                   f"{strongest['evaluation']}** ({strongest['classifier']}; {strongest['data_source']}, "
                   f"{strongest['n_images']} images, seed {strongest['seed']}); strongest: {name(strongest)}, "
                   f"robust {_robust_accuracy(store, strongest).as_percent()}:\n",

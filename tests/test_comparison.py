@@ -9,7 +9,7 @@ import pytest
 
 from hetpure_bench.accuracy_cells import accuracy_cell
 from hetpure_bench.cli import main
-from hetpure_bench.comparison import compare_text, find_row, report_section
+from hetpure_bench.comparison import find_row, report_section
 from hetpure_bench.errors import UserError
 from hetpure_bench.report import write_report
 from hetpure_bench.runner import make_row
