@@ -254,12 +254,24 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise UserError(f"no result store at {store_path}: run a benchmark first (or pass --store)")
     with ResultStore(store_path) as store:
         rows = store.rows()
-    if not rows:
-        raise UserError(f"the result store {store_path} holds no finished rows")
-    if args.images:
-        _image_grid(args, Path(args.out) / args.name / "images.png")
-    path = write_report(rows, args.name, Path(args.out), str(store_path))
+        if not rows:
+            raise UserError(f"the result store {store_path} holds no finished rows")
+        if args.images:
+            _image_grid(args, Path(args.out) / args.name / "images.png")
+        path = write_report(rows, args.name, Path(args.out), str(store_path), store=store)
     print(f"report: {path} ({len(rows)} rows from {store_path})")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .comparison import compare_text
+    from .store import ResultStore
+
+    store_path = Path(args.store)
+    if not store_path.is_file():
+        raise UserError(f"no result store at {store_path}: run a benchmark first (or pass --store)")
+    with ResultStore(store_path) as store:
+        print(compare_text(store, args.row_a, args.row_b, args.mode))
     return 0
 
 
@@ -277,13 +289,16 @@ def _image_grid(args: argparse.Namespace, path: Path) -> None:
 
 
 def _report(row: dict, leaderboard_dir: Path, store_path: Path) -> None:
+    from .accuracy_cells import accuracy_cell
+
     print(
         f"{row['defense']} [{row['defense_config']}] | {row['classifier']} + {row['diffusion_model']} | "
         f"{row['data_source']}, {row['n_images']} images, seed {row['seed']} | {row['attack']}, "
         f"{row['threat']} eps {row['eps']}, gradient {row['gradient_mode']} | evaluation {row['evaluation']}"
     )
     print(
-        f"clean {100 * row['clean_acc']:.1f}%  robust {100 * row['robust_acc']:.1f}%  NFE {row['nfe']}  "
+        f"clean {accuracy_cell(row, 'clean')}  robust {accuracy_cell(row, 'robust')} "
+        f"(%, {row.get('interval_method', 'no interval')}, n = {row['n_images']})  NFE {row['nfe']}  "
         f"wall {row['wall_s']:.1f} s ({row['images_per_s']:.3g} images/s, peak {row['peak_mem_mib']} MiB, "
         f"{row['device']})  sanity checks {row['sanity_wall_s']:.1f} s"
     )
@@ -375,6 +390,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="smoke", help="settings of the image grid's defenses and attack")
     _add_data_option(p)
     p.set_defaults(func=cmd_report)
+
+    p = commands.add_parser("compare", help="paired comparison of two rows on the same images: the difference of "
+                            "their accuracies with its interval and an exact McNemar test")
+    p.add_argument("row_a", metavar="ROW_A", help="a setup hash prefix (>= 6 hex characters, :MODE when the setup "
+                   "has several evaluation modes) or labels like defense=hetpure,attack=...,evaluation=single "
+                   "(any row columns; exactly one row must have them)")
+    p.add_argument("row_b", metavar="ROW_B", help="the same, for the row A is compared with (differences are A - B)")
+    p.add_argument("--store", default="leaderboards/results.sqlite")
+    p.add_argument("--mode", help="evaluation mode of both rows when a name does not say")
+    p.set_defaults(func=cmd_compare)
 
     p = commands.add_parser("train-denoiser", help="train (or resume) the small eps-prediction denoiser")
     p.add_argument("--out", required=True, help="run folder; rerunning with the same folder resumes")

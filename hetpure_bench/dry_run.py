@@ -13,6 +13,9 @@ from .defenses import DEFENSES, build_defense
 from .diffusion.zoo import DIFFUSION_MODELS
 from .registry import Entry
 from .runner import RunSpec, evaluation_modes
+from .statistics import CONFIDENCE, half_width
+
+SIZES = (32, 64, 128, 256, 512)  # the sizing line's alternatives (README's table)
 
 
 def timing_network(entry: Entry) -> tuple[nn.Module | None, str]:
@@ -38,8 +41,8 @@ def print_estimates(specs: list[RunSpec]) -> None:
     timings: dict[tuple[str, str], PassTimes] = {}
     print(f"dry run on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}); "
           "sanity checks not included")
-    print("| defense | diffusion model | NFE | attack | gradient | evaluation | diffusion calls / image | classifier passes / image | hours |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| defense | diffusion model | NFE | attack | gradient | evaluation | diffusion calls / image | classifier passes / image | hours | interval half-width |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for spec in specs:
         needs_diffusion = DEFENSES.build(spec.defense).needs_diffusion
         key = (spec.classifier, spec.diffusion_model if needs_diffusion else "-")
@@ -62,4 +65,19 @@ def print_estimates(specs: list[RunSpec]) -> None:
         for mode in evaluation_modes(spec):
             cost = estimate(attacks, nfe, spec.gradient, mode, spec.n_images, timings[key], surrogate_nfe)
             print(f"| {spec.defense} | {key[1]} | {nfe} | {attack_label(attacks, None)} | {spec.gradient} | {mode} | "
-                  f"{cost.network_calls_per_image:,} | {cost.classifier_passes_per_image:,} | {cost.hours:,.1f} ({spec.n_images} images) |")
+                  f"{cost.network_calls_per_image:,} | {cost.classifier_passes_per_image:,} | {cost.hours:,.1f} ({spec.n_images} images) | "
+                  f"+-{points(spec.n_images)} points |")
+    for n in sorted({spec.n_images for spec in specs}):
+        print(sizing_line(n))
+
+
+def points(n: int) -> int:
+    """The widest 95% interval's half-width at n images, in whole accuracy points."""
+    return round(100 * half_width(n))
+
+
+def sizing_line(n: int) -> str:
+    """How precise accuracies at n images are, and what other numbers of images would give."""
+    others = ", ".join(f"{m} images give +-{points(m)}" for m in SIZES if m != n)
+    return (f"sizing: +-{points(n)} points at {n} images (half-width of the {100 * CONFIDENCE:g}% Wilson interval "
+            f"at 50% accuracy, the widest); {others}")

@@ -8,25 +8,32 @@ from pathlib import Path
 import pandas as pd
 
 from .atomic import write_text_atomic
-from .leaderboard import leaderboard_table, markdown_table
+from .accuracy_cells import accuracy_cell
+from .comparison import report_section
+from .leaderboard import latest_rows, markdown_table
 from .plots import cost_plot, scatter_plot, strength_plot
 from .published import PublishedResult, load_published
 from .report_tables import side_by_side
+from .store import ResultStore
 
 SUMMARY_COLUMNS = ["defense", "attack", "gradient_mode", "evaluation", "clean_acc", "robust_acc", "nfe",
                    "wall_s", "peak_mem_mib", "sanity"]
+GROUP_COLUMNS = ["classifier", "diffusion_model", "eps", "n_images", "seed"]
 
 
-def _summary(table: pd.DataFrame) -> pd.DataFrame:
-    frame = table[SUMMARY_COLUMNS].copy()
-    for column in ("clean_acc", "robust_acc"):
-        frame[column] = (100 * frame[column].astype(float)).round(1)
-    return frame
+def _summary(rows: list[dict]) -> pd.DataFrame:
+    """The rows best robust first (ties: best clean first, then the store's order), accuracies
+    with their intervals."""
+    ranked = sorted(rows, key=lambda r: (r["robust_acc"], r["clean_acc"]), reverse=True)  # stable for ties
+    return pd.DataFrame([
+        {c: accuracy_cell(r, c[:-len("_acc")]) if c.endswith("_acc") else r[c] for c in SUMMARY_COLUMNS} for r in ranked
+    ], columns=SUMMARY_COLUMNS)
 
 
 def write_report(rows: list[dict], name: str, out_dir: Path, store_label: str,
-                 published: list[PublishedResult] | None = None) -> Path:
-    """Write ``out_dir/name/report.md`` and its figures; returns the report's path."""
+                 published: list[PublishedResult] | None = None, store: ResultStore | None = None) -> Path:
+    """Write ``out_dir/name/report.md`` and its figures; returns the report's path. ``store``
+    (the one ``rows`` come from) gives the per-image results the paired comparisons need."""
     published = load_published() if published is None else published
     folder = Path(out_dir) / name
     scatter_plot(rows, published, folder / "robust_vs_clean.png")
@@ -46,16 +53,20 @@ def write_report(rows: list[dict], name: str, out_dir: Path, store_label: str,
         markdown_table(side_by_side(published, rows)),
     ]
     for data_source, threat in sorted({(r["data_source"], r["threat"]) for r in rows}):
-        table = leaderboard_table(rows, data_source, threat)
-        groups = table.groupby(["classifier", "diffusion_model", "eps", "n_images", "seed"], sort=True)
-        for (classifier, diffusion, eps, n, seed), group in groups:
+        groups: dict[tuple, list[dict]] = {}
+        for row in latest_rows(rows, data_source, threat):
+            groups.setdefault(tuple(row[c] for c in GROUP_COLUMNS), []).append(row)
+        for (classifier, diffusion, eps, n, seed), group in sorted(groups.items()):
             parts += [
                 f"## Leaderboard: {data_source}, {threat} eps {eps}\n",
-                f"{classifier} + {diffusion}, {n} images, seed {seed}; accuracies in %, best robust first; "
+                f"{classifier} + {diffusion}, {n} images, seed {seed}; accuracies in % with their 95% intervals "
+                "over images [low, high] (\"[-]\": a row stored before intervals were), best robust first; "
                 "wall_s = seconds of attack + evaluation for all images; full rows in "
                 f"`leaderboards/{data_source}-{threat}.md`.\n",
                 markdown_table(_summary(group)),
             ]
+    parts.append(report_section(rows, store) if store is not None else
+                 "## Paired comparisons\n\n(not made: they need the result store's per-image results)\n")
     failed = [r for r in rows if r["sanity"] not in ("ok", "not run")]
     parts += [
         "## Sanity checks\n",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from .accuracy_cells import accuracy_cell
 from .evaluation import parse_evaluation_mode
 from .published import PublishedResult
 
@@ -57,8 +58,8 @@ def side_by_side(published: list[PublishedResult], rows: list[dict]) -> pd.DataF
                 "published clean": entry.clean,
                 "published robust": entry.robust,
                 "published setup": f"{entry.classifier}; {entry.attack}; {entry.source}",
-                "measured clean": round(100 * row["clean_acc"], 1) if row else None,
-                "measured robust": round(100 * row["robust_acc"], 1) if row else None,
+                "measured clean": accuracy_cell(row, "clean") if row else None,
+                "measured robust": accuracy_cell(row, "robust") if row else None,
                 "measured setup": measured_setup(row) if row else "not measured",
                 "same setup": ("yes" if not diff else "NO: " + "; ".join(diff)) if row else "-",
             })

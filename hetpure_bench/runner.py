@@ -33,6 +33,7 @@ from .evaluation import combine, parse_evaluation_mode, purification_passes
 from .noise import image_seeds
 from .peak_memory import PeakMemory
 from .sanity import SanityConfig, run_sanity_checks, summarise
+from .statistics import accuracy_interval
 from .store import ResultStore, setup_hash
 
 
@@ -407,8 +408,7 @@ def make_row(setup: dict, mode: str, per_image: pd.DataFrame, costs: list[dict],
         **{k: setup[k] for k in ("defense", "defense_config", "classifier", "diffusion_model", "data_source",
                                  "threat", "eps", "attack", "gradient_mode", "n_images", "seed", "preset")},
         "evaluation": mode,
-        "clean_acc": float(per_image["clean_correct"].mean()),
-        "robust_acc": float(per_image["robust_correct"].mean()),
+        **accuracy_fields(per_image),
         "robust_by_attack": robust_by_attack(per_image, attacks),
         "nfe": nfe,
         "wall_s": round(wall, 2),
@@ -418,6 +418,17 @@ def make_row(setup: dict, mode: str, per_image: pd.DataFrame, costs: list[dict],
         "sanity": summarise(checks) if checks else "not run",
         "sanity_checks": checks,
         "sanity_wall_s": round(sanity_wall, 1),
+    }
+
+
+def accuracy_fields(per_image: pd.DataFrame) -> dict:
+    """clean_acc and robust_acc (means of the per-image outcomes) with their 95% intervals over
+    the images as [low, high] fractions, and how the robust interval was made."""
+    clean, robust = accuracy_interval(per_image["clean_correct"]), accuracy_interval(per_image["robust_correct"])
+    return {
+        "clean_acc": clean.value, "robust_acc": robust.value,
+        "clean_ci": [clean.low, clean.high], "robust_ci": [robust.low, robust.high],
+        "interval_method": robust.method,
     }
 
 
@@ -436,11 +447,11 @@ def diffusion_label(name: str, diffusion) -> str:
 
 
 def robust_by_attack(per_image: pd.DataFrame, attacks: list[Attack]) -> str:
-    """Each attack's own robust accuracy (%) when a row has several ("-" otherwise); the row's
-    robust_acc is the per-image worst case, never above the minimum of these."""
+    """Each attack's own robust accuracy (%) with its 95% interval when a row has several ("-"
+    otherwise); the row's robust_acc is the per-image worst case, never above the minimum of these."""
     if len(attacks) < 2:
         return "-"
-    return "; ".join(f"{a.name} {100 * per_image[f'robust_correct_{k}'].mean():.1f}" for k, a in enumerate(attacks))
+    return "; ".join(f"{a.name} {accuracy_interval(per_image[f'robust_correct_{k}']).as_percent()}" for k, a in enumerate(attacks))
 
 
 def sanity_checks(

@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -18,7 +19,7 @@ def _run_module(*args):
 def test_help_lists_the_commands():
     result = _run_module("--help")
     assert result.returncode == 0
-    for command in ("list", "train-denoiser", "export-denoiser", "eval-denoiser"):
+    for command in ("list", "train-denoiser", "export-denoiser", "eval-denoiser", "compare"):
         assert command in result.stdout
 
 
@@ -70,6 +71,10 @@ def test_run_command_writes_leaderboard_and_per_image_results(tmp_path, shared_j
     assert main(["run", "--defense", "none"] + common) == 0
     out = capsys.readouterr().out
     assert "hetpure [t_l=200 t_s=100 stride=100" in out and "NFE 2" in out and "images/s, peak" in out
+    assert out.count("(%, Wilson 95%, n = 2)") == 3
+    # Wilson at 0, 1 or 2 of 2 images: [0, 65.8], [9.5, 90.5], [34.2, 100].
+    wilson = r"(0\.0 \[0\.0, 65\.8\]|50\.0 \[9\.5, 90\.5\]|100\.0 \[34\.2, 100\.0\])"
+    assert len(re.findall(rf"clean {wilson}  robust {wilson} \(%", out)) == 3
     csv = pd.read_csv(tmp_path / "lb" / "cifar10-jpeg-Linf.csv")
     assert len(csv) == 3 and set(csv.classifier) == {"resnet18-pyautoattack"}
     assert set(csv.attack) == {"PGD-EOT(Linf, 1 steps, EOT 1)"}
@@ -81,6 +86,7 @@ def test_run_command_writes_leaderboard_and_per_image_results(tmp_path, shared_j
         rows = store.rows()
         assert len(rows) == 3
         per_image = store.per_image(rows[0]["setup_hash"], "single")
+        assert all(len(row["clean_ci"]) == len(row["robust_ci"]) == 2 and row["interval_method"] == "Wilson 95%" for row in rows)
         assert per_image.columns.tolist() == ["index", "label", "clean_pred", "adv_pred", "clean_correct", "robust_correct"]
         assert len(per_image) == 2
     assert main(["run", "--defense", "none"] + common) == 0  # nothing left to compute

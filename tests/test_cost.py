@@ -35,7 +35,22 @@ def test_dry_run_prints_each_row_and_runs_nothing(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("| hetpure | embedded-denoiser | 10 |") == 2 and "| none | - | 0 |" in out
     assert "| 220 |" in out  # 10 steps x EOT 2 x 10 calls + (clean + adversarial) x 10 calls
+    # Wilson at 16 of 32 images: [0.3363, 0.6637], half-width 16 points (test_statistics).
+    assert out.count("(32 images) | +-16 points |") == 4
+    assert ("sizing: +-16 points at 32 images (half-width of the 95% Wilson interval at 50% accuracy, the widest); "
+            "64 images give +-12, 128 images give +-9, 256 images give +-6, 512 images give +-4") in out
     assert not (tmp_path / "lb").exists() or not any((tmp_path / "lb").iterdir())
+
+
+def test_readme_sizing_table_is_the_one_the_dry_run_prints():
+    from pathlib import Path
+
+    from hetpure_bench.dry_run import SIZES, points
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    sizes = "| images | " + " | ".join(str(n) for n in SIZES) + " |"
+    widths = "| interval half-width (points) | " + " | ".join(f"+-{points(n)}" for n in SIZES) + " |"
+    assert f"{sizes}\n|---|---|---|---|---|---|\n{widths}\n" in readme
 
 
 @pytest.mark.slow

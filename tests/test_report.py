@@ -24,10 +24,12 @@ PUBLISHED = load_published("""
 
 
 def _rows():
-    """A small store's rows: two attacks on hetpure (the stronger must be picked), a DiffPure t* sweep,
-    a paper-setup row, a row that failed its sanity checks."""
+    """A small store's rows: two attacks on hetpure (the stronger must be picked, and has intervals;
+    the others are rows stored before intervals were), a DiffPure t* sweep, a paper-setup row, a
+    row that failed its sanity checks."""
     rows = [
-        _row(attack="PGD-EOT", clean_acc=0.75, robust_acc=0.25),
+        _row(attack="PGD-EOT", clean_acc=0.75, robust_acc=0.25, clean_ci=[0.6, 0.9], robust_ci=[0.12, 0.44],
+             interval_method="Wilson 95%"),
         _row(attack="AutoAttack-rand", clean_acc=0.75, robust_acc=0.5),
         _row(attack="PGD-EOT", evaluation="worst:5", clean_acc=0.5, robust_acc=0.125),
         _row(defense="hetpure", attack="AutoAttack-rand", data_source="cifar10-official", diffusion_model="score-sde-ddpmpp",
@@ -52,14 +54,15 @@ def test_side_by_side_puts_published_and_measured_numbers_in_their_cells():
     assert set(table.method) == {"hetpure", "diffpure"}  # references are not purification methods
     assert (hetpure["published clean"] == 93.16).all() and (hetpure["published robust"] == 80.45).all()
     smoke_single = hetpure[hetpure.index.str.contains("cifar10-jpeg") & hetpure.index.str.endswith("evaluation single")]
-    assert smoke_single["measured robust"].tolist() == [25.0]  # the stronger of the two attacks
+    assert smoke_single["measured robust"].tolist() == ["25.0 [12.0, 44.0]"]  # the stronger of the two attacks
+    assert smoke_single["measured clean"].tolist() == ["75.0 [60.0, 90.0]"]
     assert smoke_single["same setup"].iloc[0].startswith("NO: data_source cifar10-jpeg (published: cifar10-official)")
     assert "attack PGD-EOT (published: AutoAttack)" in smoke_single["same setup"].iloc[0]
     paper = hetpure[hetpure.index.str.contains("cifar10-official")]
-    assert paper["same setup"].tolist() == ["yes"] and paper["measured robust"].tolist() == [80.0]
-    assert hetpure[hetpure.index.str.endswith("worst:5")]["measured robust"].tolist() == [12.5]
+    assert paper["same setup"].tolist() == ["yes"] and paper["measured robust"].tolist() == ["80.0 [-]"]
+    assert hetpure[hetpure.index.str.endswith("worst:5")]["measured robust"].tolist() == ["12.5 [-]"]
     diffpure = table[table.method == "diffpure"]
-    assert sorted(diffpure["measured robust"]) == [10.0, 30.0, 40.0]  # each t* is its own defense setup
+    assert sorted(diffpure["measured robust"]) == ["10.0 [-]", "30.0 [-]", "40.0 [-]"]  # each t* is its own defense setup
     assert not any("gdmp" in setup for setup in table["measured setup"])  # failed sanity: never a headline
 
 
@@ -106,6 +109,8 @@ def test_a_report_regenerated_from_the_same_rows_is_identical(tmp_path):
     text = first.read_text()
     assert "| hetpure | 93.16 | 80.45 |" in text and "FAILED: gradients" in text
     assert "## Leaderboard: cifar10-jpeg, Linf eps 0.0313725" in text
+    assert "| hetpure | PGD-EOT | full | single | 75.0 [60.0, 90.0] | 25.0 [12.0, 44.0] | 10 |" in text
+    assert "(not made: they need the result store's per-image results)" in text  # no store given
 
 
 @pytest.mark.parametrize("name, expected", [

@@ -10,6 +10,7 @@ from hetpure_bench.defenses import build_defense
 from hetpure_bench.errors import UserError
 from hetpure_bench.evaluation import majority_vote, parse_evaluation_mode, predict
 from hetpure_bench.runner import RunSpec, attack_and_evaluate, evaluate_modes, parse_eps, spec_from_preset, validate
+from hetpure_bench.statistics import wilson_interval
 from tiny_models import tiny_models
 
 
@@ -161,7 +162,9 @@ def test_several_attacks_count_an_image_robust_only_if_it_survives_all():
     both = per_image["robust_correct_0"] & per_image["robust_correct_1"]
     assert per_image["robust_correct"].tolist() == both.tolist()
     label = robust_by_attack(per_image, [weak, strong])
-    assert label.count("PGD-EOT") == 2 and f"{100 * per_image['robust_correct_1'].mean():.1f}" in label
+    survived = int(per_image["robust_correct_1"].sum())
+    low, high = wilson_interval(survived, 16)
+    assert label.count("PGD-EOT") == 2 and f"{100 * survived / 16:.1f} [{100 * low:.1f}, {100 * high:.1f}]" in label
 
 
 def test_the_smoke_preset_keeps_every_registered_defense_at_smoke_scale():
