@@ -3,9 +3,11 @@
 - Per-image outcomes that are 0/1 (single, vote:m, worst:N) get Wilson score intervals.
 - Per-image outcomes that are fractions (expected:K: the share of K purifications that are right)
   get a seeded percentile bootstrap over images.
-- Two rows measured on the same images are compared per image: the paired difference with a
-  seeded bootstrap interval over images and, for 0/1 outcomes, an exact McNemar test (a binomial
-  test on the images where exactly one of the two rows is right).
+- Two rows measured on the same images are compared per image. For 0/1 outcomes: the exact
+  McNemar test (a binomial test on the images where exactly one of the two rows is right) and the
+  interval that goes with it (Clopper-Pearson on those discordant images, scaled to a difference
+  of accuracies), so the interval and the test never disagree about whether there is a
+  difference. For fractional outcomes: a seeded paired bootstrap over images.
 
 All intervals are two-sided at ``CONFIDENCE`` unless given otherwise. scipy does the statistics;
 this module only decides which method fits which outcomes.
@@ -134,6 +136,18 @@ def mcnemar_exact(a_correct: Sequence[float] | np.ndarray, b_correct: Sequence[f
     return a_only, b_only, float(stats.binomtest(a_only, a_only + b_only, 0.5).pvalue)
 
 
+def discordant_interval(a_only: int, b_only: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Interval of accuracy(a) - accuracy(b) = (a_only - b_only) / n given the m = a_only + b_only
+    discordant images: the exact (Clopper-Pearson) interval [p_lo, p_hi] of a_only / m mapped by
+    p -> m (2p - 1) / n. It contains 0 exactly when the exact test of p = 1/2 at this level does
+    not reject, so the interval agrees with McNemar's test. No discordant image gives [0, 0]."""
+    m = a_only + b_only
+    if m == 0:
+        return 0.0, 0.0
+    ci = stats.binomtest(a_only, m, 0.5).proportion_ci(confidence_level=confidence, method="exact")
+    return m * (2 * float(ci.low) - 1) / n, m * (2 * float(ci.high) - 1) / n
+
+
 def paired_difference(
     a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, confidence: float = CONFIDENCE,
     seed: int = BOOTSTRAP_SEED,
@@ -142,9 +156,13 @@ def paired_difference(
     a_arr, b_arr = _as_array(a), _as_array(b)
     if a_arr.shape != b_arr.shape:
         raise ValueError(f"paired outcomes need the same images: {a_arr.size} vs {b_arr.size}")
-    low, high = bootstrap_interval(a_arr - b_arr, confidence, seed)
-    method = f"paired bootstrap {100 * confidence:g}% over images (seed {seed})"
-    a_only = b_only = p_value = None
+    difference = float(a_arr.mean() - b_arr.mean())
+    level = f"{100 * confidence:g}%"
     if is_binary(a_arr) and is_binary(b_arr):
         a_only, b_only, p_value = mcnemar_exact(a_arr, b_arr)
-    return PairedDifference(a_arr.size, float(a_arr.mean() - b_arr.mean()), low, high, method, a_only, b_only, p_value)
+        low, high = discordant_interval(a_only, b_only, a_arr.size, confidence)
+        return PairedDifference(a_arr.size, difference, low, high, f"exact {level} on the discordant images",
+                                a_only, b_only, p_value)
+    low, high = bootstrap_interval(a_arr - b_arr, confidence, seed)
+    return PairedDifference(a_arr.size, difference, low, high, f"paired bootstrap {level} over images (seed {seed})",
+                            None, None, None)

@@ -77,6 +77,9 @@ def test_paired_difference_and_its_sentence():
     assert diff.difference == pytest.approx(-8 / 32)
     assert diff.low < diff.difference < diff.high < 0 and diff.distinguishable
     assert "below" in diff.sentence("A", "B") and "p = 0.0215" in diff.sentence("A", "B")
+    # The interval is the Clopper-Pearson interval of 1/10 (hand-computed: 0.002529, 0.445016)
+    # mapped to a difference of accuracies: 10 (2p - 1) / 32.
+    assert (diff.low, diff.high) == pytest.approx((10 * (2 * 0.0025286 - 1) / 32, 10 * (2 * 0.4450161 - 1) / 32), abs=1e-6)
     same = paired_difference([1, 0, 1, 0], [0, 1, 1, 0])
     assert not same.distinguishable
     assert same.sentence("A", "B").startswith("A vs B: not distinguishable at n = 4")
@@ -84,3 +87,17 @@ def test_paired_difference_and_its_sentence():
     assert fractional.p_value is None and fractional.difference == pytest.approx(0.2 / 3)
     with pytest.raises(ValueError):
         paired_difference([1, 0], [1])
+
+
+def test_the_paired_interval_agrees_with_mcnemar():
+    """4 images only a gets right, none only b: McNemar p = 0.125, so the interval contains 0
+    (a bootstrap over images would exclude it)."""
+    a = [1] * 4 + [1] * 10 + [0] * 18
+    b = [0] * 4 + [1] * 10 + [0] * 18
+    diff = paired_difference(a, b)
+    assert diff.p_value == pytest.approx(0.125) and not diff.distinguishable
+    for a_only, b_only in [(0, 6), (1, 9), (3, 12), (20, 40), (0, 0)]:
+        rows_a = [1] * a_only + [0] * b_only + [1] * 30
+        rows_b = [0] * a_only + [1] * b_only + [1] * 30
+        d = paired_difference(rows_a, rows_b)
+        assert d.distinguishable == (d.p_value < 0.05), (a_only, b_only, d)
