@@ -101,17 +101,36 @@ def load_robustbench(name: str, threat: str = "Linf") -> nn.Module:
     return model
 
 
+# Where a training script keeps the weights inside its checkpoint dict: "model_state_dict" in
+# DiffPure's DeepMind-style WRN-70-16, "state_dict" in RobustBench-style files.
+_STATE_DICT_KEYS = ("model_state_dict", "state_dict")
+
+
+def _strip_wrappers(state: dict, model: nn.Module) -> dict:
+    """Drop DataParallel's "module." and, when every key has it and the model has no such keys,
+    the "0." of an nn.Sequential around the network (DiffPure's DM WRN-70-16 keys begin
+    "module.0.")."""
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    own_keys = model.state_dict().keys()
+    if state and all(k.startswith("0.") for k in state) and not any(k.startswith("0.") for k in own_keys):
+        state = {k.removeprefix("0."): v for k, v in state.items()}
+    return state
+
+
 def load_state_dict_file(path: Path, model: nn.Module) -> nn.Module:
-    """Load a state dict saved by torch (optionally under "state_dict", "module."-prefixed)."""
+    """Load a state dict saved by torch: bare, or under "model_state_dict" or "state_dict", with
+    the key prefixes of ``_strip_wrappers``."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, pickle error, HTML page...
         raise ChecksumError(f"{path} is not a readable checkpoint ({type(exc).__name__}): delete it and download it again") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
+    for key in _STATE_DICT_KEYS:
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
     if not isinstance(state, dict):
         raise ChecksumError(f"{path} does not hold a state dict")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = _strip_wrappers(state, model)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -120,18 +139,41 @@ def load_state_dict_file(path: Path, model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-def _dm_wrn_70_16() -> nn.Module:
+def dm_wrn(depth: int = 70, width: int = 16) -> nn.Module:
+    """DiffPure's DeepMind-style WRN-70-16 (Swish; RobustBench's ``DMWideResNet`` normalises with
+    the CIFAR-10 mean/std itself); smaller depth and width only for tests."""
     import_robustbench()
     from robustbench.model_zoo.architectures.dm_wide_resnet import DMWideResNet, Swish
 
-    return DMWideResNet(num_classes=10, depth=70, width=16, activation_fn=Swish)
+    return DMWideResNet(num_classes=10, depth=depth, width=width, activation_fn=Swish)
 
 
-def _wrn_70_16_dropout() -> nn.Module:
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2471, 0.2435, 0.2616)
+
+
+def _normalise_input(model: nn.Module, args: tuple) -> tuple:
+    return ((args[0] - model.mean) / model.std, *args[1:])
+
+
+def with_cifar10_normalisation(model: nn.Module) -> nn.Module:
+    """Make ``model`` normalise its [0,1] input with the CIFAR-10 mean and std first, as DiffPure's
+    own WideResNet does inside its forward. A forward pre-hook keeps the layer names (and so the
+    state dict keys and the attention-mask hooks) those of the plain network; the constants are
+    non-persistent buffers, so they follow ``.to()`` and a state dict neither has nor needs them."""
+    model.register_buffer("mean", torch.tensor(CIFAR10_MEAN).view(3, 1, 1), persistent=False)
+    model.register_buffer("std", torch.tensor(CIFAR10_STD).view(3, 1, 1), persistent=False)
+    model.register_forward_pre_hook(_normalise_input)
+    return model
+
+
+def wrn_dropout(depth: int = 70, width: int = 16) -> nn.Module:
+    """DiffPure's ``WideResNet_70_16_dropout``: RobustBench's (TRADES) WideResNet with dropout
+    0.3 and the CIFAR-10 normalisation inside (smaller depth and width only for tests)."""
     import_robustbench()
     from robustbench.model_zoo.architectures.wide_resnet import WideResNet
 
-    return WideResNet(depth=70, widen_factor=16, dropRate=0.3)
+    return with_cifar10_normalisation(WideResNet(depth=depth, widen_factor=width, dropRate=0.3))
 
 
 def _from_artifact(artifact: str, architecture: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
@@ -152,10 +194,10 @@ CLASSIFIERS.register(
 )
 # DiffPure's WRN-70-16 classifiers: weights fetched by hand (artifacts.yaml), architectures here.
 for _name, _artifact, _build, _hooks, _architecture, _input in (
-    ("wrn-70-16-dm", "diffpure-wrn-70-16", _dm_wrn_70_16, "dm-wrn-70-16",
+    ("wrn-70-16-dm", "diffpure-wrn-70-16", dm_wrn, "dm-wrn-70-16",
      "DeepMind-style WideResNet-70-16, Swish, CIFAR-10 mean/std inside", "[0,1] (normalised inside the network)"),
-    ("wrn-70-16-dropout", "diffpure-wrn-70-16-dropout", _wrn_70_16_dropout, "wrn-70-16",
-     "WideResNet-70-16, dropout 0.3", "[0,1], no normalisation"),
+    ("wrn-70-16-dropout", "diffpure-wrn-70-16-dropout", wrn_dropout, "wrn-70-16",
+     "WideResNet-70-16, dropout 0.3, CIFAR-10 mean/std inside", "[0,1] (normalised inside the network)"),
 ):
     CLASSIFIERS.register(
         _name, _from_artifact(_artifact, _build), available=_artifact_present(_artifact),

@@ -107,3 +107,80 @@ def test_user_supplied_weights_fail_clearly(tmp_path):
     bad.write_bytes(good.read_bytes()[:50])
     with pytest.raises(ChecksumError, match="not a readable checkpoint"):
         load_state_dict_file(bad, torch.nn.Linear(3, 2))
+
+
+# DiffPure's WRN-70-16 files, in their real formats, at depth 10 and width 1 (same classes, same
+# loading code as the registered 70-16 entries): outputs compared with the plain network on an
+# input normalised by hand with DiffPure's CIFAR-10 constants.
+MEAN = torch.tensor([0.4914, 0.4822, 0.4465], dtype=torch.float64).view(1, 3, 1, 1)
+STD = torch.tensor([0.2471, 0.2435, 0.2616], dtype=torch.float64).view(1, 3, 1, 1)
+
+
+def _randomise(model, seed):
+    """Random weights and batch-norm statistics (running_var > 0), so every layer matters."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if tensor.is_floating_point():
+                value = torch.rand(tensor.shape, generator=generator, dtype=torch.float64)
+                tensor.copy_(value + 0.5 if name.endswith("running_var") else (value - 0.5) * 0.6)
+    return model
+
+
+def _robustbench_architectures():
+    from hetpure_bench.robustbench_compat import import_robustbench
+
+    import_robustbench()  # robustbench imports autoattack, which pyautoattack provides
+    from robustbench.model_zoo.architectures import dm_wide_resnet, wide_resnet
+
+    return wide_resnet, dm_wide_resnet
+
+
+def _images():
+    return torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+
+def test_wrn_70_16_dropout_file_loads_and_normalises_inside(tmp_path):
+    from hetpure_bench.classifiers import load_state_dict_file, wrn_dropout
+
+    plain = _randomise(_robustbench_architectures()[0].WideResNet(depth=10, widen_factor=1, dropRate=0.3), seed=0).double().eval()
+    path = tmp_path / "weights.pt"
+    # DiffPure's weights.pt: a bare DataParallel state dict (its loader cuts the 7 characters "module.").
+    torch.save({f"module.{k}": v for k, v in plain.state_dict().items()}, path)
+
+    model = load_state_dict_file(path, wrn_dropout(depth=10, width=1)).double()
+    assert "mean" not in model.state_dict() and "std" not in model.state_dict()
+    x = _images()
+    with torch.no_grad():
+        # Tolerance: the constants are float32 tensors (as in the reference), x is float64.
+        torch.testing.assert_close(model(x), plain((x - MEAN) / STD), rtol=1e-6, atol=1e-8)
+        assert not torch.allclose(model(x), plain(x))
+
+
+def test_dm_wrn_70_16_file_under_model_state_dict_loads(tmp_path):
+    from hetpure_bench.classifiers import dm_wrn, load_state_dict_file
+
+    dm = _robustbench_architectures()[1]
+    plain = dm.DMWideResNet(num_classes=10, depth=10, width=1, activation_fn=dm.Swish, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    plain = _randomise(plain, seed=1).double().eval()
+    path = tmp_path / "weights-best.pt"
+    # DiffPure's weights-best.pt: {"model_state_dict": keys "module.0.<name>"} (its loader cuts 9 characters).
+    torch.save({"model_state_dict": {f"module.0.{k}": v for k, v in plain.state_dict().items()}}, path)
+
+    model = load_state_dict_file(path, dm_wrn(depth=10, width=1)).double()
+    x = _images()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), plain((x - MEAN) / STD), rtol=1e-6, atol=1e-8)
+
+
+def test_registered_wrn_70_16_builders_normalise_and_expect_no_constants_in_the_state_dict():
+    for name in ("wrn-70-16-dropout", "wrn-70-16-dm"):
+        with torch.device("meta"):
+            model = CLASSIFIERS.get(name).info["build_architecture"]()
+        buffers = dict(model.named_buffers())
+        assert buffers["mean"].shape == buffers["std"].shape == (3, 1, 1)
+        assert "mean" not in model.state_dict() and "std" not in model.state_dict()
+    with torch.device("meta"):
+        plain = _robustbench_architectures()[0].WideResNet(depth=70, widen_factor=16, dropRate=0.3)
+        dropout = CLASSIFIERS.get("wrn-70-16-dropout").info["build_architecture"]()
+    assert list(dropout.state_dict()) == list(plain.state_dict())  # the file's keys, nothing added

@@ -1,6 +1,7 @@
 import math
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -42,23 +43,57 @@ def inputs(batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.tensor([10, 700][:batch])
 
 
-def save_score_sde_format(model: DDPMpp, shadow: list[torch.Tensor], path) -> None:
-    """What score_sde's save_checkpoint writes: a DataParallel state dict and the EMA state."""
-    torch.save(
-        {
-            "model": torch.nn.DataParallel(model).state_dict(),
-            "ema": {"decay": 0.9999, "num_updates": 3, "shadow_params": shadow},
-            "optimizer": {},
-            "step": 0,
-        },
-        path,
-    )
+class ScoreSdeNCSNpp(DDPMpp):
+    """score_sde's NCSN++ as its state dict shows it: these layers plus the ``sigmas`` buffer it
+    registers (float64 VE noise levels, score_sde's get_sigmas: geometric from 50 to 0.01)."""
+
+    def __init__(self, config: DDPMppConfig):
+        super().__init__(config)
+        self.register_buffer("sigmas", torch.tensor(np.exp(np.linspace(np.log(50.0), np.log(0.01), 1000))))
 
 
-def ema_like(model: DDPMpp) -> list[torch.Tensor]:
-    """Shadow params that differ from the model's weights, in parameters() order."""
-    generator = torch.Generator().manual_seed(2)
-    return [p.detach() + 0.05 * torch.randn(p.shape, generator=generator) for p in model.parameters()]
+class ScoreSdeEMA:
+    """score_sde's ExponentialMovingAverage (models/ema.py): shadow copies of the trainable
+    parameters, moved towards them after each step with decay min(decay, (1 + n) / (10 + n))."""
+
+    def __init__(self, parameters, decay: float = 0.9999):
+        self.decay, self.num_updates = decay, 0
+        self.shadow_params = [p.clone().detach() for p in parameters if p.requires_grad]
+
+    def update(self, parameters) -> None:
+        self.num_updates += 1
+        decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        with torch.no_grad():
+            for shadow, param in zip(self.shadow_params, [p for p in parameters if p.requires_grad]):
+                shadow.sub_((1 - decay) * (shadow - param))
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "num_updates": self.num_updates, "shadow_params": self.shadow_params}
+
+
+def score_sde_checkpoint(steps: int = 3) -> tuple[dict, DDPMpp, list[torch.Tensor]]:
+    """What score_sde's run_lib.train and utils.save_checkpoint write after ``steps`` training
+    steps (continuous VP denoising loss, Adam, EMA), with the raw model and the EMA weights."""
+    torch.manual_seed(0)
+    model = torch.nn.DataParallel(ScoreSdeNCSNpp(TINY))  # score_sde's create_model wraps it
+    ema = ScoreSdeEMA(model.parameters())
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05, betas=(0.9, 0.999), eps=1e-8, weight_decay=0)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x0 = torch.rand(2, 3, 8, 8, generator=generator) * 2 - 1
+        noise, t = torch.randn(x0.shape, generator=generator), torch.rand(2, generator=generator)
+        abar = torch.exp(-0.5 * t**2 * 19.9 - 0.1 * t)[:, None, None, None]
+        loss = ((model(abar.sqrt() * x0 + (1 - abar).sqrt() * noise, 999 * t) - noise) ** 2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        ema.update(model.parameters())
+    saved = {"optimizer": optimizer.state_dict(), "model": model.state_dict(), "ema": ema.state_dict(), "step": steps}
+    return saved, model.module.eval(), ema.shadow_params
+
+
+def write_checkpoint(path, saved: dict) -> None:
+    torch.save(saved, path)
 
 
 def test_tiny_forward_shape_and_determinism():
@@ -116,28 +151,56 @@ def test_real_config_has_the_published_size_and_score_sde_layout():
 
 
 def test_score_sde_checkpoint_loads_the_ema_weights(tmp_path):
-    model = tiny_model()
-    shadow = ema_like(model)
-    save_score_sde_format(model, shadow, tmp_path / "checkpoint_8.pth")
+    saved, raw, shadow = score_sde_checkpoint()
+    path = tmp_path / "checkpoint_8.pth"
+    write_checkpoint(path, saved)
+    on_disk = torch.load(path, weights_only=True)  # the file is plain tensors and containers
+    assert on_disk["model"]["module.sigmas"].dtype == torch.float64 and on_disk["model"]["module.sigmas"].shape == (1000,)
+    assert len(on_disk["model"]) == len(shadow) + 1 and on_disk["optimizer"]["state"]
 
-    loaded = load_score_sde_checkpoint(tmp_path / "checkpoint_8.pth", TINY)
+    loaded = load_score_sde_checkpoint(path, TINY)
 
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    assert not list(loaded.buffers())
+    for param, value in zip(loaded.parameters(), shadow, strict=True):
+        assert torch.equal(param, value)
     expected = tiny_model()
     with torch.no_grad():
         for param, value in zip(expected.parameters(), shadow):
             param.copy_(value)
     x, t = inputs()
-    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
     with torch.no_grad():
         out = loaded(x, t)
         assert torch.equal(out, expected(x, t))
-        assert not torch.allclose(out, model(x, t))  # the raw "model" weights were not used
+        assert (out - raw(x, t)).abs().max() > 1e-3  # the raw "model" weights were not used
+
+
+def test_another_unexpected_model_key_is_still_refused(tmp_path):
+    saved, _, _ = score_sde_checkpoint(steps=1)
+    saved["model"]["module.extra_buffer"] = torch.zeros(3)
+    path = tmp_path / "checkpoint_8.pth"
+    write_checkpoint(path, saved)
+    with pytest.raises(UserError, match=r"unexpected \['extra_buffer'\]") as error:
+        load_score_sde_checkpoint(path, TINY)
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+
+
+class Pickled:
+    """An arbitrary object: torch.load(weights_only=True) refuses to unpickle it."""
+
+
+def test_checkpoint_is_read_with_weights_only(tmp_path):
+    saved, _, _ = score_sde_checkpoint(steps=1)
+    saved["step"] = Pickled()
+    path = tmp_path / "checkpoint_8.pth"
+    write_checkpoint(path, saved)
+    with pytest.raises(UserError, match="not a readable PyTorch file"):
+        load_score_sde_checkpoint(path, TINY)
 
 
 def test_truncated_checkpoint_is_a_user_error(tmp_path):
-    model = tiny_model()
     path = tmp_path / "checkpoint_8.pth"
-    save_score_sde_format(model, ema_like(model), path)
+    write_checkpoint(path, score_sde_checkpoint(steps=1)[0])
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(UserError, match="not a readable PyTorch file") as error:
         load_score_sde_checkpoint(path, TINY)
@@ -153,37 +216,39 @@ def test_html_page_saved_as_checkpoint_is_a_user_error(tmp_path):
 
 
 def test_shadow_list_of_wrong_length_is_a_user_error(tmp_path):
-    model = tiny_model()
+    saved, _, _ = score_sde_checkpoint(steps=1)
+    saved["ema"]["shadow_params"] = saved["ema"]["shadow_params"][:-1]
     path = tmp_path / "checkpoint_8.pth"
-    save_score_sde_format(model, ema_like(model)[:-1], path)
+    write_checkpoint(path, saved)
     with pytest.raises(UserError, match=r"EMA has \d+ tensors, expected \d+") as error:
         load_score_sde_checkpoint(path, TINY)
     assert str(path) in str(error.value)
 
 
 def test_shadow_tensor_of_wrong_shape_is_a_user_error(tmp_path):
-    model = tiny_model()
-    shadow = ema_like(model)
+    saved, _, _ = score_sde_checkpoint(steps=1)
+    shadow = saved["ema"]["shadow_params"]
     shadow[5] = shadow[5].flatten()[:-1]
     path = tmp_path / "checkpoint_8.pth"
-    save_score_sde_format(model, shadow, path)
+    write_checkpoint(path, saved)
     with pytest.raises(UserError, match="expected") as error:
         load_score_sde_checkpoint(path, TINY)
     assert str(path) in str(error.value)
 
 
 def test_checkpoint_of_another_config_is_a_user_error(tmp_path):
-    model = tiny_model()
     path = tmp_path / "checkpoint_8.pth"
-    save_score_sde_format(model, ema_like(model), path)
+    write_checkpoint(path, score_sde_checkpoint(steps=1)[0])
     with pytest.raises(UserError, match="does not fit the DDPM\\+\\+ config") as error:
         load_score_sde_checkpoint(path, replace(TINY, num_res_blocks=2))
     assert str(path) in str(error.value)
 
 
 def test_checkpoint_without_ema_is_a_user_error(tmp_path):
+    saved, _, _ = score_sde_checkpoint(steps=1)
+    del saved["ema"]
     path = tmp_path / "checkpoint_8.pth"
-    torch.save({"model": tiny_model().state_dict(), "optimizer": {}, "step": 0}, path)
+    write_checkpoint(path, saved)
     with pytest.raises(UserError, match="lacks"):
         load_score_sde_checkpoint(path, TINY)
 

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -55,3 +57,33 @@ def test_truncated_file_is_a_user_error(tmp_path):
 def test_missing_file_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_unet_safetensors(tmp_path / "none.safetensors")
+
+
+def _tiny_ddpmpp():
+    from hetpure_bench.diffusion.ddpmpp import DDPMpp, DDPMppConfig
+
+    return DDPMpp(DDPMppConfig(image_size=8, nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,)))
+
+
+@pytest.mark.parametrize("kind", ["diffusers", "ddpmpp"])
+def test_a_real_time_label_reaches_the_network_unrounded(kind):
+    # The reverse SDE calls the network with 999 t (99.9 at t = 0.1): both networks must embed 99.9
+    # itself, not 99 (truncated) or 100 (rounded).
+    torch.manual_seed(0)
+    network = build_unet(TINY) if kind == "diffusers" else _tiny_ddpmpp()
+    first = network.time_proj if kind == "diffusers" else network.all_modules[0]  # sees the label or its embedding
+    seen = []
+    first.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    model = EpsModel(network).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        out = model(x, 99.9)
+        assert not torch.allclose(out, model(x, 99)) and not torch.allclose(out, model(x, 100))
+        torch.testing.assert_close(out, model(x, torch.full((2,), 99.9)))
+    if kind == "diffusers":
+        torch.testing.assert_close(seen[0], torch.full((2,), 99.9))
+    else:  # DDPM's sinusoidal embedding, by hand: sin(t w_k), cos(t w_k), w_k = 10000^(-k / (half - 1))
+        half = 4
+        angles = [99.9 * 10000 ** (-k / (half - 1)) for k in range(half)]
+        expected = torch.tensor([[math.sin(a) for a in angles] + [math.cos(a) for a in angles]] * 2)
+        torch.testing.assert_close(seen[0], expected, rtol=1e-5, atol=1e-5)

@@ -9,12 +9,14 @@ import torch
 
 from ..diffusion.sampling import NetworkCaller, ddim_transition, sample_loop
 from ..diffusion.schedule import CLEAN, ddpm_step, q_sample, timestep_grid
-from ..diffusion.vp_sde import VPSDE
+from ..diffusion.vp_sde import VPSDE, solver_times
 from ..errors import UserError
 from ..noise import Generators, randn_like
 from .base import Defense
 
 SAMPLERS = ("ddpm", "ddim", "sde")
+SDE_FORWARDS = ("discrete", "continuous")
+SDE_TIME_LABELS = ("continuous", "rounded")
 
 
 @dataclass(frozen=True)
@@ -23,19 +25,42 @@ class DiffPureConfig:
 
     sampler: "ddpm" (ancestral, posterior variance; calls at t_start..0: t_start + 1 calls),
     "ddim" (eta = 0 on a grid of stride ``ddim_stride``: ceil(t_start / stride) calls) or
-    "sde" (Euler-Maruyama on the reverse VP-SDE with dt = ``sde_dt``: t_star / dt calls).
+    "sde" (Euler-Maruyama on the reverse VP-SDE from t_star to ``sde_t_end`` with dt = ``sde_dt``
+    and a shorter last step: ceil((t_star - t_end) / dt) calls).
+
+    The "sde" settings default to DiffPure's code: ``sde_forward`` "discrete" diffuses with the
+    discrete alpha_bar at index t_start - 1 (0.89702 for t* = 0.1), "continuous" with the
+    VP-SDE's alpha_bar(t*) (0.8963); ``sde_time_label`` "continuous" calls the network with
+    999 t (score_sde's continuous label), "rounded" with round(1000 t); ``sde_t_end`` 1e-5 stops
+    where DiffPure stops (0 runs the last step to t = 0). The score is -eps / std(t) with the
+    continuous std either way. ``clamp`` clamps the purified image to [0, 1] (the defense
+    interface's promise; DiffPure's code hands the classifier the unclamped (x + 1) / 2).
     """
 
     t_star: float = 0.1
     sampler: str = "ddpm"
     ddim_stride: int = 1
     sde_dt: float = 1e-3
+    sde_t_end: float = 1e-5
+    sde_forward: str = "discrete"
+    sde_time_label: str = "continuous"
+    clamp: bool = True
 
     def __post_init__(self):
-        if self.sampler not in SAMPLERS:
-            raise UserError(f"unknown DiffPure sampler {self.sampler!r}: choose one of {', '.join(SAMPLERS)}")
+        for name, value, choices in (
+            ("sampler", self.sampler, SAMPLERS),
+            ("sde_forward", self.sde_forward, SDE_FORWARDS),
+            ("sde_time_label", self.sde_time_label, SDE_TIME_LABELS),
+        ):
+            if value not in choices:
+                raise UserError(f"unknown DiffPure {name} {value!r}: choose one of {', '.join(choices)}")
         if not 0 < self.t_star < 1:
             raise UserError(f"DiffPure t_star must be in (0, 1), got {self.t_star}")
+        if not self.sde_dt > 0 or not 0 <= self.sde_t_end < self.t_star:
+            raise UserError(
+                f"DiffPure needs sde_dt > 0 and 0 <= sde_t_end < t_star, "
+                f"got sde_dt={self.sde_dt}, sde_t_end={self.sde_t_end}, t_star={self.t_star}"
+            )
 
     @property
     def t_start(self) -> int:
@@ -54,7 +79,7 @@ class DiffPure(Defense):
             return c.t_start + 1
         if c.sampler == "ddim":
             return math.ceil(c.t_start / c.ddim_stride)
-        return round(c.t_star / c.sde_dt)
+        return len(self._sde_times()) - 1
 
     def surrogate(self, network_calls: int) -> Defense:
         """DDIM from the same t_start with about ``network_calls`` calls."""
@@ -62,35 +87,47 @@ class DiffPure(Defense):
 
     def purify(self, x01: torch.Tensor) -> torch.Tensor:
         g = self.generator(x01)
-        x0 = x01 * 2 - 1
+        x = self._diffuse(x01 * 2 - 1, g)
         eps_fn = NetworkCaller(self.diffusion)
         c = self.config
         if c.sampler == "sde":
-            x = self._reverse_sde(x0, eps_fn, g)
+            x = self._reverse_sde(x, eps_fn, g)
+        elif c.sampler == "ddim":
+            x = sample_loop(x, timestep_grid(c.t_start, c.ddim_stride), ddim_transition(self.schedule, eps_fn))
         else:
-            x = q_sample(self.schedule, x0, c.t_start, g)
-            if c.sampler == "ddim":
-                x = sample_loop(x, timestep_grid(c.t_start, c.ddim_stride), ddim_transition(self.schedule, eps_fn))
-            else:
-                grid = list(range(c.t_start, -1, -1)) + [CLEAN]
-                x = sample_loop(x, grid, lambda x, t, s: ddpm_step(self.schedule, x, t, eps_fn(x, t), g))
-        return ((x + 1) / 2).clamp(0, 1)
+            grid = list(range(c.t_start, -1, -1)) + [CLEAN]
+            x = sample_loop(x, grid, lambda x, t, s: ddpm_step(self.schedule, x, t, eps_fn(x, t), g))
+        x01 = (x + 1) / 2
+        return x01.clamp(0, 1) if c.clamp else x01
 
     def stages(self, x01: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         """Purified, and the input diffused to t_start (shown in [0,1])."""
         purified = self.purify(x01)
-        noised = q_sample(self.schedule, x01 * 2 - 1, self.config.t_start, self.generator(x01))
+        noised = self._diffuse(x01 * 2 - 1, self.generator(x01))
         return [("purified", purified), (f"noised t={self.config.t_start}", ((noised + 1) / 2).clamp(0, 1))]
 
-    def _reverse_sde(self, x0: torch.Tensor, eps_fn, g: Generators) -> torch.Tensor:
-        sde, c = VPSDE(), self.config
-        abar = sde.alpha_bar(c.t_star)
-        x = math.sqrt(abar) * x0 + math.sqrt(1 - abar) * randn_like(x0, g)
-        steps = round(c.t_star / c.sde_dt)
+    def _diffuse(self, x0: torch.Tensor, g: Generators) -> torch.Tensor:
+        """x0 in [-1, 1] diffused to where the reverse process starts."""
+        c = self.config
+        if c.sampler != "sde":
+            return q_sample(self.schedule, x0, c.t_start, g)
+        if c.sde_forward == "discrete":
+            # DiffPure's index t_start - 1: alpha_bar(i) includes step i, i.e. time (i + 1) / 1000.
+            abar = self.schedule.alpha_bar(c.t_start - 1).item()
+        else:
+            abar = VPSDE().alpha_bar(c.t_star)
+        return math.sqrt(abar) * x0 + math.sqrt(1 - abar) * randn_like(x0, g)
 
-        def step(x, i, _next):
-            t = i * c.sde_dt
-            eps = eps_fn(x, sde.network_index(t))
-            return sde.reverse_em_step(x, t, c.sde_dt, eps, randn_like(x, g))
+    def _sde_times(self) -> list[float]:
+        c = self.config
+        return solver_times(c.t_star, c.sde_t_end, c.sde_dt)
 
-        return sample_loop(x, list(range(steps, -1, -1)), step)
+    def _reverse_sde(self, x: torch.Tensor, eps_fn, g: Generators) -> torch.Tensor:
+        sde = VPSDE()
+        label = sde.continuous_label if self.config.sde_time_label == "continuous" else sde.network_index
+
+        def step(x, t, s):
+            eps = eps_fn(x, label(t))
+            return sde.reverse_em_step(x, t, t - s, eps, randn_like(x, g))
+
+        return sample_loop(x, self._sde_times(), step)

@@ -20,13 +20,16 @@ integer labels 0..999 are the DDPM timesteps. The vp/cifar10_ddpmpp_deep_continu
 
 Checkpoint format: score_sde keeps every layer in one flat ``nn.ModuleList`` called
 ``all_modules`` and trains it wrapped in ``nn.DataParallel``; ``checkpoint_N.pth`` holds
-``{"model": state_dict with keys "module.all_modules.<i>.<layer>.<param>", "ema": {"decay",
-"num_updates", "shadow_params": [one tensor per parameter, in model.parameters() order]},
-"optimizer": ..., "step": ...}``. ``DDPMpp`` registers the same layers in the same order under
-the same names (``Conv_0``, ``GroupNorm_0``, ``Dense_0``, ``NIN_0``, ...; there are no buffers),
-so both the named state dict and the positional EMA list load. The EMA weights are the ones
-used for sampling and purification; ``convert_to_safetensors`` caches them so the pickle is read
-only once.
+``{"model": state_dict with keys "module.all_modules.<i>.<layer>.<param>" and the buffer
+"module.sigmas", "ema": {"decay", "num_updates", "shadow_params": [one tensor per parameter, in
+model.parameters() order]}, "optimizer": Adam's state dict, "step": ...}``. ``DDPMpp`` registers
+the same layers in the same order under the same names (``Conv_0``, ``GroupNorm_0``,
+``Dense_0``, ``NIN_0``, ...), so both the named state dict and the positional EMA list load.
+``sigmas`` (float64, one per noise scale) is NCSN++'s table of VE noise levels; it only
+matters when the output is scaled by sigma (VE models), never in this VP model, so ``DDPMpp``
+has no buffers and the loader drops that one key (any other unexpected key is an error). The
+EMA weights are the ones used for sampling and purification; ``convert_to_safetensors`` caches
+them so the pickle is read only once.
 """
 
 from __future__ import annotations
@@ -250,6 +253,10 @@ def _check_shapes(path: Path, what: str, expected: dict[str, torch.Size], found:
             raise UserError(f"score_sde checkpoint {path}: {what} {name} is {got}, expected {tuple(shape)}")
 
 
+UNUSED_BUFFER = "sigmas"
+"""The one entry of score_sde's model state dict that is not a DDPM++ weight (see above)."""
+
+
 def load_score_sde_checkpoint(path: Path, config: DDPMppConfig = DDPMppConfig()) -> DDPMpp:
     """Load a score_sde ``checkpoint_N.pth`` with its EMA weights, frozen and in eval mode."""
     path = Path(path)
@@ -271,7 +278,9 @@ def load_score_sde_checkpoint(path: Path, config: DDPMppConfig = DDPMppConfig())
     expected = {name: p.shape for name, p in model.state_dict().items()}
     # The named weights are only checked: they prove the layout, so the positional EMA list
     # (which carries no names) lines up with model.parameters().
-    _check_shapes(path, "model weight", expected, {k.removeprefix("module."): v for k, v in named.items()})
+    named = {k.removeprefix("module."): v for k, v in named.items()}
+    named.pop(UNUSED_BUFFER, None)
+    _check_shapes(path, "model weight", expected, named)
     names = [name for name, _ in model.named_parameters()]
     if not isinstance(shadow, (list, tuple)) or len(shadow) != len(names):
         count = len(shadow) if isinstance(shadow, (list, tuple)) else type(shadow).__name__

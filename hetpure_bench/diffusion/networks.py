@@ -1,7 +1,8 @@
 """Eps-prediction networks: construction, the common call signature, and safetensors I/O.
 
 Every diffusion network is wrapped in ``EpsModel`` so samplers call it one way:
-``eps = model(x_t, t)`` with x_t in [-1, 1] and integer t in 0..999 (scalar or per-sample).
+``eps = model(x_t, t)`` with x_t in [-1, 1] and the time label t: an integer step 0..999
+(discrete samplers) or a real number such as 999 t (the reverse SDE), scalar or per-sample.
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ EMBEDDED_UNET_CONFIG = {
 class EpsModel(nn.Module):
     """Wraps a network so that ``model(x_t, t)`` returns the predicted noise eps.
 
-    x_t is in [-1, 1], shape (B, C, H, W); t is an int or a LongTensor of shape (B,).
+    x_t is in [-1, 1], shape (B, C, H, W); t is an int, a float, or a tensor of shape (B,).
+    Integer labels stay integers and real labels stay real: both networks here embed the label's
+    value sinusoidally (diffusers would truncate a plain Python float, so it gets a tensor).
     """
 
     def __init__(self, network: nn.Module, metadata: dict | None = None):
@@ -44,8 +47,9 @@ class EpsModel(nn.Module):
         self.network = network
         self.metadata = dict(metadata or {})
 
-    def forward(self, x_t: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
-        t = torch.as_tensor(t, device=x_t.device, dtype=torch.long).expand(x_t.shape[0])
+    def forward(self, x_t: torch.Tensor, t: int | float | torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t, device=x_t.device)
+        t = (t if t.is_floating_point() else t.long()).expand(x_t.shape[0])
         out = self.network(x_t, t)
         return out.sample if hasattr(out, "sample") else out
 

@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .schedule import VPSchedule, ddim_step
 
-Step = Callable[[torch.Tensor, int, int], torch.Tensor]
+Step = Callable[[torch.Tensor, float, float], torch.Tensor]  # (x, t, s): integer steps or SDE times
 
 _CHECKPOINTING: ContextVar[bool] = ContextVar("activation_checkpointing", default=True)
 
@@ -49,14 +49,14 @@ class NetworkCaller:
         self.model = model
         self.calls = 0
 
-    def __call__(self, x: torch.Tensor, t: int) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: int | float) -> torch.Tensor:
         self.calls += 1
         if torch.is_grad_enabled() and x.requires_grad and _CHECKPOINTING.get():
             return checkpoint(self.model, x, t, use_reentrant=False)
         return self.model(x, t)
 
 
-def sample_loop(x: torch.Tensor, grid: list[int], step: Step) -> torch.Tensor:
+def sample_loop(x: torch.Tensor, grid: list[float], step: Step) -> torch.Tensor:
     """Apply ``step(x, t, s)`` for each consecutive pair (t, s) of ``grid``."""
     for t, s in zip(grid[:-1], grid[1:]):
         x = step(x, t, s)

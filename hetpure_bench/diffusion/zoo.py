@@ -116,7 +116,7 @@ DIFFUSION_MODELS.register(
     "score-sde-ddpmpp", load_score_sde_ddpmpp,
     available=lambda: score_sde_safetensors().is_file() or get_artifact("score-sde-ddpmpp-deep-continuous").local_path.is_file(),
     architecture="score_sde DDPM++ deep (NCSN++ config: nf 128, ch_mult 1,2,2,2, 8 res-blocks, attention at 16x16), 106.6M params",
-    parameters=106_632_579, build_architecture=_ddpmpp_architecture, prediction="eps", trained_timesteps="0..999 (continuous VP)",
+    parameters=106_632_579, build_architecture=_ddpmpp_architecture, prediction="eps", trained_timesteps="continuous t in [0, 1], called with the label 999 t (DiffPure's reverse SDE does so)",
     source="score_sde vp/cifar10_ddpmpp_deep_continuous checkpoint_8.pth (EMA weights); the paper-grade model",
 )
 
