@@ -175,7 +175,7 @@ def _run_specs(args: argparse.Namespace, preset: str) -> list:
     return [
         spec_from_preset(
             preset, name, classifier=args.classifier, diffusion_model=args.diffusion_model,
-            data=args.data, n_images=args.n, seed=args.seed, threat=args.threat, eps=args.eps,
+            data=args.data, n_images=args.n, seed=args.seed, eval_seed=args.eval_seed, threat=args.threat, eps=args.eps,
             gradient=args.gradient, evaluation=args.evaluation, batch_size=args.batch_size,
             attack=attack, defense_overrides=dict(_parse_setting(s, "--defense-arg") for s in args.defense_arg),
             sanity=sanity,
@@ -347,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_option(p)
     p.add_argument("-n", "--num-images", dest="n", type=int)
     p.add_argument("--seed", type=int)
+    p.add_argument("--eval-seed", type=int, metavar="N",
+                   help="seed of the evaluation noise (default: --seed): judges the adversarial examples "
+                   "stored by a run of the same setup again under new noise, without attacking")
     p.add_argument("--threat", choices=["Linf", "L2"])
     p.add_argument("--eps", help="attack budget, e.g. 8/255 (Linf) or 0.5 (L2)")
     p.add_argument("--attack", help="pgd-eot, autoattack or torchattacks (default: the preset's); "
@@ -361,8 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mask-aware adaptive attack on hetpure: differentiate a sigmoid relaxation of "
                    "the attention mask (temperature, default 0.05)")
     p.add_argument("--gradient", help="'full', 'surrogate:K' or 'bpda'")
-    p.add_argument("--evaluation", help="'single', 'vote:m' or 'worst:N', or several separated by commas "
-                   "(one attack, one row per mode)")
+    p.add_argument("--evaluation", help="'single', 'vote:m', 'worst:N' or 'expected:K', or several separated "
+                   "by commas (one attack, one row per mode)")
     p.add_argument("--sanity-images", type=int, help="images for the sanity checks (0: skip them)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--defense-arg", action="append", default=[], metavar="KEY=VALUE",

@@ -12,6 +12,7 @@ from .data import CLASSES
 from .defenses import build_defense
 from .noise import image_seeds
 from .runner import RunSpec, load
+from .stored_examples import decode, encode
 
 
 def _hwc(image01: torch.Tensor) -> np.ndarray:
@@ -32,7 +33,7 @@ def image_panels(spec: RunSpec, n: int, device: torch.device, cache: dict) -> li
     target = attack_model(defense, spec.gradient, mask_temperature(spec.attack))
     for module in {defense, target}:
         module.reseed(seeds("attack"))
-    x_adv = attack.perturb(target, x, y)
+    x_adv = decode(encode(attack.perturb(target, x, y), x), x, attack.norm, attack.eps)  # as the runner judges it
     with torch.no_grad():
         predictions = {}
         for name, inputs in (("clean", x), ("adversarial", x_adv)):

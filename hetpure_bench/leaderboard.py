@@ -17,7 +17,7 @@ from .store import ResultStore
 # Every setup label of a row (DEVELOPERS.md): a row is identified by all of them together.
 SETUP_COLUMNS = [
     "defense", "defense_config", "classifier", "diffusion_model", "data_source", "threat", "eps",
-    "attack", "gradient_mode", "evaluation", "n_images", "seed",
+    "attack", "gradient_mode", "evaluation", "n_images", "seed", "eval_seed",
 ]
 # 95% intervals over images as fractions; empty for rows stored before rows carried intervals.
 INTERVAL_COLUMNS = ["clean_ci_low", "clean_ci_high", "robust_ci_low", "robust_ci_high", "interval_method"]
@@ -36,7 +36,12 @@ HEADLINE_COLUMNS = (["defense", "defense_config", "classifier", "diffusion_model
 
 def setup_key(row: dict) -> str:
     """All setup labels of a row joined: equal keys mean the same setup."""
-    return "|".join(str(row[column]) for column in SETUP_COLUMNS)
+    return "|".join(str(cell(row, column)) for column in SETUP_COLUMNS)
+
+
+def cell(row: dict, column: str):
+    """A row's value in a column; rows stored before evaluation seeds existed used the run's seed."""
+    return row.get("eval_seed", row["seed"]) if column == "eval_seed" else row[column]
 
 
 def leaderboard_stem(data_source: str, threat: str) -> str:
@@ -58,7 +63,7 @@ def interval_columns(row: dict) -> dict:
 
 
 def _table(rows: list[dict]) -> pd.DataFrame:
-    return pd.DataFrame([{c: {**r, **interval_columns(r)}[c] for c in COLUMNS} for r in rows], columns=COLUMNS)
+    return pd.DataFrame([{c: cell({**r, **interval_columns(r)}, c) for c in COLUMNS} for r in rows], columns=COLUMNS)
 
 
 def leaderboard_table(rows: list[dict], data_source: str, threat: str) -> pd.DataFrame:

@@ -29,12 +29,13 @@ from .defenses.base import Defense
 from .diffusion.zoo import DIFFUSION_MODELS, load_diffusion_model
 from .errors import UserError
 from .distributed import Ranks, all_gather, barrier, gather_to_main
-from .evaluation import combine, parse_evaluation_mode, purification_passes
+from .evaluation import judged_labels, outcomes, parse_evaluation_mode, purification_passes
 from .noise import image_seeds
 from .peak_memory import PeakMemory
 from .sanity import SanityConfig, run_sanity_checks, summarise
 from .statistics import accuracy_interval
-from .store import ResultStore, setup_hash
+from .store import ResultStore, StoredExamples, setup_hash
+from .stored_examples import decode, encode
 
 
 def parse_eps(value: Any) -> float:
@@ -57,6 +58,7 @@ class RunSpec:
     n_images: int = 32
     seed: int = 0  # the defense's and the attack's noise
     data_seed: int | None = None  # the image subset's RandomState seed (None: ``seed``)
+    eval_seed: int | None = None  # the evaluation noise's seed; None: the run's seed
     threat: str = "Linf"
     eps: float = 8 / 255
     attack: dict = field(default_factory=lambda: {"name": "pgd-eot"})
@@ -115,12 +117,19 @@ def validate(spec: RunSpec) -> None:
     check_threat(spec.threat, spec.eps)
     if spec.n_images < 1 or spec.batch_size < 1:
         raise UserError("n_images and batch_size must be >= 1")
+    if spec.eval_seed is not None and (type(spec.eval_seed) is not int or spec.eval_seed < 0):
+        raise UserError(f"eval seed must be an integer >= 0, got {spec.eval_seed!r}")
     parse_gradient_mode(spec.gradient)
     evaluation_modes(spec)
     build_attacks(spec.attack, spec.threat, spec.eps, spec.seed)
     if mask_temperature(spec.attack) is not None:
         check_mask_aware(spec.gradient, spec.defense, config)
     sanity_config(spec)
+
+
+def evaluation_seed(spec: RunSpec) -> int:
+    """The seed of the evaluation noise: the eval seed when given, else the run's seed."""
+    return spec.seed if spec.eval_seed is None else spec.eval_seed
 
 
 def sanity_config(spec: RunSpec) -> SanityConfig:
@@ -161,8 +170,8 @@ def evaluate_modes(
     for start in tqdm(range(0, len(labels), spec.batch_size), desc=f"{spec.defense}: attack + evaluate",
                       unit="batch", disable=not progress):
         stop = start + spec.batch_size
-        batch, _ = evaluate_batch(defense, target, attacks, images[start:stop], labels[start:stop],
-                                  indices[start:stop], spec.seed, modes, progress)
+        batch, _, _ = evaluate_batch(defense, target, attacks, images[start:stop], labels[start:stop],
+                                     indices[start:stop], spec.seed, modes, progress, evaluation_seed(spec))
         for mode in modes:
             records[mode].extend(batch[mode])
     return {mode: pd.DataFrame(rows) for mode, rows in records.items()}
@@ -178,31 +187,60 @@ def evaluate_batch(
     seed: int,
     modes: list[str],
     progress: bool = False,
-) -> tuple[dict[str, list[dict]], dict]:
-    """Attack one batch once, then judge the same adversarial examples under each evaluation mode.
+    eval_seed: int | None = None,
+    stored: list[bytes] | None = None,
+) -> tuple[dict[str, list[dict]], dict, list[bytes]]:
+    """Attack one batch once (unless its ``stored`` examples are given), then judge the same
+    adversarial examples under each evaluation mode.
 
     Per mode, per image: clean and adversarial predictions of ``defense``; ``target`` is what
     the attacks differentiate (the defense itself, its surrogate, BPDA, ...). An image is robust
     when its clean prediction and its prediction on every attack's example are correct (per-image
-    worst case over the attacks); ``adv_pred`` is the prediction on the first example that broke
-    it. Noise comes from per-image streams seeded from (seed, image index, purpose): the attack's
-    passes and the evaluation use different purposes, so the attacker never sees the evaluation
-    noise, and the clean and every adversarial evaluation share theirs (common random numbers:
-    at eps = 0 the adversarial predictions equal the clean ones exactly). The modes share their
-    purifications ("single" is the first pass of "worst:N"). Also returns the seconds spent
-    attacking ("attack_s") and evaluating ("eval_s" per mode: the seconds of its own passes).
+    worst case over the attacks; for expected:K per purification, see _records). Noise comes from
+    per-image streams seeded from (seed, image index, purpose): the attack's passes and the
+    evaluation use different purposes, so the attacker never sees the evaluation noise, and the
+    clean and every adversarial evaluation share theirs (common random numbers: at eps = 0 the
+    adversarial predictions equal the clean ones exactly). ``eval_seed`` (default ``seed``) seeds
+    the evaluation streams. The modes share their purifications ("single" is the first pass of
+    "worst:N"). Returns the records per mode, the cost (seconds attacking, "attack_s", 0 for
+    stored examples; "eval_s" per mode: the seconds of its own passes) and the examples in their
+    stored form (stored_examples.py), which are what was judged.
     """
-    attack_seeds, evaluate_seeds = image_seeds(seed, indices, "attack"), image_seeds(seed, indices, "evaluate")
     started = time.perf_counter()
-    examples = []
+    blobs = attack_batch(defense, target, attacks, x, y, indices, seed, progress) if stored is None else stored
+    attack_s = time.perf_counter() - started
+    records, eval_s = judge_batch(defense, attacks, x, y, indices, blobs, seed if eval_seed is None else eval_seed, modes)
+    return records, {"attack_s": attack_s, "eval_s": eval_s}, blobs
+
+
+def attack_batch(
+    defense: Defense, target: torch.nn.Module, attacks: list[Attack], x: torch.Tensor, y: torch.Tensor,
+    indices: torch.Tensor, seed: int, progress: bool = False,
+) -> list[bytes]:
+    """Each attack's adversarial examples of the [0,1] images ``x``, in their stored form."""
+    attack_seeds = image_seeds(seed, indices, "attack")
+    blobs = []
     for attack in attacks:
         for module in {defense, target}:
             module.reseed(attack_seeds)
         x_adv = attack.perturb(target, x, y, progress=progress)
         if (perturbation_size(x_adv - x, attack.norm) > attack.eps * (1 + 1e-5) + 1e-7).any() or x_adv.min() < 0 or x_adv.max() > 1:
             raise RuntimeError(f"{attack.name} left the {attack.norm} eps-ball or the [0,1] box")  # a bug, never a result
-        examples.append(x_adv)
-    cost = {"attack_s": time.perf_counter() - started, "eval_s": dict.fromkeys(modes, 0.0)}
+        blobs.append(encode(x_adv, x))
+    return blobs
+
+
+def judge_batch(
+    defense: Defense, attacks: list[Attack], x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor,
+    blobs: list[bytes], eval_seed: int, modes: list[str],
+) -> tuple[dict[str, list[dict]], dict[str, float]]:
+    """Records per mode of the clean [0,1] images ``x`` and the stored adversarial examples
+    ``blobs`` (one per attack), and each mode's seconds of purification."""
+    if len(blobs) != len(attacks):
+        raise ValueError(f"{len(blobs)} stored examples for {len(attacks)} attacks")
+    examples = [decode(blob, x, attack.norm, attack.eps) for blob, attack in zip(blobs, attacks)]
+    evaluate_seeds = image_seeds(eval_seed, indices, "evaluate")
+    eval_s = dict.fromkeys(modes, 0.0)
     passes = {mode: parse_evaluation_mode(mode)[1] for mode in modes}
     per_input = []
     for inputs in [x, *examples]:
@@ -210,28 +248,39 @@ def evaluate_batch(
         predictions, seconds = purification_passes(defense, inputs, max(passes.values()))
         per_input.append(predictions)
         for mode in modes:  # each mode is charged its own passes
-            cost["eval_s"][mode] += sum(seconds[:passes[mode]])
+            eval_s[mode] += sum(seconds[:passes[mode]])
     records = {}
     for mode in modes:
-        labels = [combine(mode, predictions, y) for predictions in per_input]
-        records[mode] = _records(labels[0], labels[1:], y, indices)
-    return records, cost
+        clean, *adversarial = [judged_labels(mode, predictions, y) for predictions in per_input]
+        records[mode] = _records(mode, clean, adversarial, y, indices)
+    return records, eval_s
 
 
-def _records(clean: torch.Tensor, adversarial: list[torch.Tensor], y: torch.Tensor, indices: torch.Tensor) -> list[dict]:
+def _records(mode: str, clean: torch.Tensor, adversarial: list[torch.Tensor], y: torch.Tensor, indices: torch.Tensor) -> list[dict]:
+    """Per-image records from the judged labels (P, B) of the clean images and of each attack's
+    examples (P = 1 except for expected:K, evaluation.judged_labels). In judged pass k an image is
+    robust when its clean label and every attack's label are right (pass k of every input uses
+    the same evaluation noise), robust to attack j when its clean label and attack j's are; the
+    *_correct values are the outcomes over the passes (evaluation.outcomes). The labels shown are
+    the first pass's: adv_pred is the first attack's wrong label in it (else the last attack's)."""
+    clean, adversarial, y = clean.cpu(), [a.cpu() for a in adversarial], y.cpu()
+    clean_ok = clean == y
+    survived = [a == y for a in adversarial]
+    robust = clean_ok.clone()
+    for ok in survived:
+        robust &= ok
+    columns = {"clean_correct": outcomes(mode, clean_ok), "robust_correct": outcomes(mode, robust)}
+    if len(adversarial) > 1:
+        columns.update({f"robust_correct_{k}": outcomes(mode, clean_ok & ok) for k, ok in enumerate(survived)})
+    first = [a[0] for a in adversarial]
     records = []
     for i in range(len(y)):
-        survived = [bool(pred[i] == y[i]) for pred in adversarial]
-        broken = [pred[i] for pred in adversarial if pred[i] != y[i]]
-        record = {
+        broken = [pred[i] for pred in first if pred[i] != y[i]]
+        records.append({
             "index": int(indices[i]), "label": int(y[i]),
-            "clean_pred": int(clean[i]), "adv_pred": int(broken[0] if broken else adversarial[-1][i]),
-            "clean_correct": bool(clean[i] == y[i]),
-            "robust_correct": bool(clean[i] == y[i] and all(survived)),
-        }
-        if len(adversarial) > 1:
-            record.update({f"robust_correct_{k}": bool(clean[i] == y[i] and ok) for k, ok in enumerate(survived)})
-        records.append(record)
+            "clean_pred": int(clean[0, i]), "adv_pred": int(broken[0] if broken else first[-1][i]),
+            **{name: values[i] for name, values in columns.items()},
+        })
     return records
 
 
@@ -247,8 +296,9 @@ def evaluation_modes(spec: RunSpec) -> list[str]:
 
 
 # Part of every setup hash: bump when a change of the code changes results (2: per-image noise
-# streams), so a store never mixes results of different code.
-RESULTS_VERSION = 2
+# streams; 3: defenses faithful to their reference code (M9), examples judged as stored (M10)),
+# so a store never mixes results of different code.
+RESULTS_VERSION = 3
 
 
 @dataclass
@@ -295,11 +345,22 @@ def setup_record(spec: RunSpec, loaded: Loaded, defense: Defense, attacks: list[
         "evaluation_modes": evaluation_modes(spec),
         "n_images": len(loaded.data),
         "seed": spec.seed,
+        **({"eval_seed": spec.eval_seed} if spec.eval_seed not in (None, spec.seed) else {}),
         "batch_size": spec.batch_size,  # AutoAttack's results depend on the batch (noise.py)
         "sanity": dataclasses.asdict(sanity_config(spec)),
         "device_type": device.type,  # CPU and GPU kernels round differently
         "preset": spec.preset,
     }
+
+
+# Setup fields that change how adversarial examples are judged, not the examples themselves.
+EVALUATION_FIELDS = ("evaluation_modes", "eval_seed", "sanity")
+
+
+def attack_key(setup: dict) -> str:
+    """The key of a setup's adversarial examples in the store: the hash of its setup without the
+    evaluation fields, shared by every evaluation of the same attack on the same images."""
+    return setup_hash({k: v for k, v in setup.items() if k not in EVALUATION_FIELDS})
 
 
 def run(
@@ -319,8 +380,11 @@ def run(
     of this setup is dropped once rank 0 has merged it.
 
     Batches already in the store (or in this rank's shard file) are skipped, so rerunning after
-    a crash computes only what is missing. ``cache`` (a dict kept by the caller) shares loaded
-    data and networks between the rows of one invocation.
+    a crash computes only what is missing. A batch whose adversarial examples are stored under
+    this setup's attack key (by a run of the same attack with other evaluation settings: modes,
+    eval seed, sanity checks) is judged from them without attacking; its cost copies the attack's
+    seconds from the batch that attacked ("attack_reused_from": that setup). ``cache`` (a dict
+    kept by the caller) shares loaded data and networks between the rows of one invocation.
     """
     validate(spec)
     loaded = load(spec, device, {} if cache is None else cache)
@@ -328,22 +392,32 @@ def run(
     target = attack_model(defense, spec.gradient, mask_temperature(spec.attack))
     attacks = build_attacks(spec.attack, spec.threat, spec.eps, spec.seed)
     setup = setup_record(spec, loaded, defense, attacks, device)
-    key = setup_hash(setup)
+    key, examples_key = setup_hash(setup), attack_key(setup)
 
     shard = shard if ranks.distributed else store
     for s in {store, shard} - {None}:
         s.register(key, setup)
-    mine = _my_batches(spec, len(loaded.data), key, store, shard, ranks)
+    pending = _pending_batches(spec, len(loaded.data), key, store, shard, ranks)
+    reusable = _reusable_examples(examples_key, pending, len(attacks), store, shard, ranks)
+    if reusable and ranks.is_main:
+        sources = ", ".join(sorted({e.source[:12] for e in reusable.values()}))
+        print(f"{spec.defense}: judging {len(reusable)} of {len(pending)} batches from stored adversarial "
+              f"examples (attacked by setup {sources}), no attack")
     images, labels, indices = loaded.data.as_float(), loaded.data.labels, loaded.data.index
     label = f"{spec.defense}" + (f" [rank {ranks.rank}/{ranks.world_size}]" if ranks.distributed else "")
-    for start in tqdm(mine, desc=f"{label}: attack + evaluate", unit="batch", disable=not progress):
-        stop = start + spec.batch_size
+    for start in tqdm(pending[ranks.rank::ranks.world_size], desc=f"{label}: attack + evaluate", unit="batch",
+                      disable=not progress):
+        stop, reused = start + spec.batch_size, reusable.get(start)
         with PeakMemory(device) as peak:
-            records, cost = evaluate_batch(
+            records, cost, blobs = evaluate_batch(
                 defense, target, attacks, images[start:stop].to(device), labels[start:stop].to(device),
-                indices[start:stop], spec.seed, setup["evaluation_modes"], progress,
+                indices[start:stop], spec.seed, setup["evaluation_modes"], progress, evaluation_seed(spec),
+                None if reused is None else reused.blobs,
             )
-        shard.commit_batch(key, start, records, {**cost, "peak_mib": peak.mib, "device": device_name(device), "rank": ranks.rank})
+        if reused is not None:
+            cost.update(attack_s=reused.attack_s, attack_reused_from=reused.source)
+        cost.update(peak_mib=peak.mib, device=device_name(device), rank=ranks.rank)
+        shard.commit_batch(key, start, records, cost, examples_key, blobs if reused is None else [])
     if ranks.distributed:
         _merge_shards(key, store, shard, ranks)
         barrier(ranks)  # rank 0 has committed every batch: the shards' copies can go
@@ -353,8 +427,8 @@ def run(
     return finish_rows(key, setup, store, loaded, defense, target, attacks, spec, device)
 
 
-def _my_batches(spec: RunSpec, n: int, key: str, store: ResultStore | None, shard: ResultStore, ranks: Ranks) -> list[int]:
-    """The batches this rank computes: those in no store yet, dealt round-robin over the ranks."""
+def _pending_batches(spec: RunSpec, n: int, key: str, store: ResultStore | None, shard: ResultStore, ranks: Ranks) -> list[int]:
+    """The starts of the batches in no store yet (each rank computes every world_size-th)."""
     done = shard.done_batches(key) | (store.done_batches(key) if store is not None else set())
     done = set().union(*all_gather(ranks, done))
     starts = range(0, n, spec.batch_size)
@@ -362,7 +436,20 @@ def _my_batches(spec: RunSpec, n: int, key: str, store: ResultStore | None, shar
     if done and ranks.is_main:
         print(f"{spec.defense}: {len(starts) - len(pending)} of {len(starts)} batches already in the store"
               + (", computing the rest" if pending else ""))
-    return pending[ranks.rank::ranks.world_size]
+    return pending
+
+
+def _reusable_examples(
+    examples_key: str, pending: list[int], n_attacks: int, store: ResultStore | None, shard: ResultStore, ranks: Ranks,
+) -> dict[int, StoredExamples]:
+    """Stored adversarial examples of pending batches under this attack key; in a distributed
+    run gathered from every rank's stores (rank 0 reads the main store), so any rank can judge
+    any batch."""
+    found: dict[int, StoredExamples] = {}
+    for s in {store, shard} - {None}:
+        found.update((start, e) for start, e in s.stored_examples(examples_key).items()
+                     if start in pending and len(e.blobs) == n_attacks)
+    return {start: e for part in all_gather(ranks, found) for start, e in part.items()}
 
 
 def _merge_shards(key: str, store: ResultStore | None, shard: ResultStore, ranks: Ranks) -> None:
@@ -372,10 +459,10 @@ def _merge_shards(key: str, store: ResultStore | None, shard: ResultStore, ranks
         return
     have = store.done_batches(key)
     for batches in gathered:
-        for start, records, cost in batches:
-            if start not in have:
-                store.commit_batch(key, start, records, cost)
-                have.add(start)
+        for batch in batches:
+            if batch[0] not in have:
+                store.commit_batch(key, *batch)
+                have.add(batch[0])
 
 
 def finish_rows(key, setup, store, loaded, defense, target, attacks, spec, device) -> list[dict]:
@@ -407,6 +494,8 @@ def make_row(setup: dict, mode: str, per_image: pd.DataFrame, costs: list[dict],
     return {
         **{k: setup[k] for k in ("defense", "defense_config", "classifier", "diffusion_model", "data_source",
                                  "threat", "eps", "attack", "gradient_mode", "n_images", "seed", "preset")},
+        "eval_seed": setup.get("eval_seed", setup["seed"]),
+        "attack_reused": any("attack_reused_from" in c for c in costs),
         "evaluation": mode,
         **accuracy_fields(per_image),
         "robust_by_attack": robust_by_attack(per_image, attacks),

@@ -2,14 +2,16 @@
 
 Each guards against a way an evaluation fools itself (gradient masking, broken attacks,
 uncontrolled randomness):
-- eps-zero: with eps = 0 every adversarial prediction equals the clean one (so robust = clean);
+- eps-zero: with eps = 0 every adversarial prediction equals the clean one and every image's
+  robust outcome its clean outcome;
 - eps-monotone / steps-monotone: halving the budget or the iterations does not lower robust
-  accuracy by more than ``tolerance`` images (final-iterate attacks on stochastic defenses are
-  not exactly monotone, hence the slack);
+  accuracy by more than ``tolerance`` images, i.e. tolerance / n in the mean (final-iterate
+  attacks on stochastic defenses are not exactly monotone, hence the slack);
 - gradients: the attacked module's input gradient is finite and non-zero for every image;
 - unbounded-defended / unbounded-undefended: PGD with eps covering the whole [0,1] box, through
   the row's gradient path and against the bare classifier, leaves at most ``unbounded_accuracy``.
-A failed check flags the row; it never changes its numbers.
+A failed check flags the row; it never changes its numbers. Per-image outcomes are 0/1, or
+fractions under expected:K: robust "images" are then the sum of the fractions.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ UNBOUNDED_STEP = {"Linf": 0.2, "L2": 8.0}  # 5 steps cross the whole box
 @dataclass(frozen=True)
 class SanityConfig:
     images: int = 8  # 0 turns the checks off (the row then says "not run")
-    tolerance: int = 1  # images by which a larger budget may raise robust accuracy
+    tolerance: int = 1  # images (in the sum of per-image outcomes) by which a larger budget may raise robust accuracy
     unbounded_steps: int = 5
     unbounded_accuracy: float = 0.1
 
@@ -67,15 +69,16 @@ def run_sanity_checks(
     per-image results of the row's defense (or another) under the row's evaluation mode;
     ``full`` holds the row's own results on the slice (the full-budget reference)."""
     n = len(y)
-    robust = lambda frame: int(frame["robust_correct"].sum())  # noqa: E731
+    robust = lambda frame: float(frame["robust_correct"].sum())  # noqa: E731
     results = []
 
     at_zero = evaluate([a.replace(eps=0.0, steps=1 if a.steps else a.steps) for a in attacks])
-    # With common random numbers the predictions themselves must agree, image by image.
-    differ = int((at_zero["adv_pred"] != at_zero["clean_pred"]).sum())
+    # With common random numbers the predictions themselves must agree, image by image (and,
+    # under expected:K, in every pass: then each robust outcome equals the clean one).
+    differ = int(((at_zero["adv_pred"] != at_zero["clean_pred"]) | (at_zero["robust_correct"] != at_zero["clean_correct"])).sum())
     results.append(CheckResult(
         "eps-zero", differ == 0,
-        f"robust {robust(at_zero)}/{n} vs clean {int(at_zero['clean_correct'].sum())}/{n} at eps 0, "
+        f"robust {_images(robust(at_zero))}/{n} vs clean {_images(float(at_zero['clean_correct'].sum()))}/{n} at eps 0, "
         f"{differ}/{n} predictions differ",
     ))
 
@@ -97,15 +100,20 @@ def run_sanity_checks(
         accuracy = robust(frame) / n
         results.append(CheckResult(
             name, accuracy <= config.unbounded_accuracy,
-            f"{robust(frame)}/{n} robust after {config.unbounded_steps}-step PGD with eps {MAX_EPS[norm]:g}",
+            f"{_images(robust(frame))}/{n} robust after {config.unbounded_steps}-step PGD with eps {MAX_EPS[norm]:g}",
         ))
     return results
 
 
-def _monotone(name: str, small: int, large: int, n: int, small_label: str, large_label: str, tolerance: int) -> CheckResult:
+def _images(count: float) -> str:
+    """A sum of per-image outcomes: "3" for 0/1 outcomes, "3.25" for fractions."""
+    return f"{round(count, 2):g}"
+
+
+def _monotone(name: str, small: float, large: float, n: int, small_label: str, large_label: str, tolerance: int) -> CheckResult:
     return CheckResult(
-        name, large <= small + tolerance,
-        f"robust {small}/{n} at {small_label}, {large}/{n} at {large_label} (tolerance {tolerance})",
+        name, large <= small + tolerance + 1e-9,  # 1e-9: sums of fractions round
+        f"robust {_images(small)}/{n} at {small_label}, {_images(large)}/{n} at {large_label} (tolerance {tolerance})",
     )
 
 

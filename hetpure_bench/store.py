@@ -2,9 +2,12 @@
 
 A setup (every setting that can change a result) is identified by the sha256 of its canonical
 JSON. Each finished batch of images is committed in one transaction (its per-image records for
-every evaluation mode plus its cost) before the next batch starts, so a run killed at any moment
-loses at most the batch in flight, and rerunning the same command computes only what is missing.
-Leaderboards and reports are generated from the store, never kept by hand.
+every evaluation mode, its cost and its adversarial examples) before the next batch starts, so a
+run killed at any moment loses at most the batch in flight, and rerunning the same command
+computes only what is missing. The adversarial examples (stored_examples.py) are kept under the
+setup's attack key (its setup without the evaluation settings, runner.attack_key), so that
+another evaluation of the same attack judges them instead of attacking again. Leaderboards and
+reports are generated from the store, never kept by hand.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import json
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
@@ -35,10 +39,24 @@ CREATE TABLE IF NOT EXISTS sanity (
 CREATE TABLE IF NOT EXISTS rows (
     setup_hash TEXT NOT NULL, mode TEXT NOT NULL, row TEXT NOT NULL, finished REAL NOT NULL,
     PRIMARY KEY (setup_hash, mode));
+CREATE TABLE IF NOT EXISTS examples (
+    attack_key TEXT NOT NULL, batch_start INTEGER NOT NULL, attack_index INTEGER NOT NULL,
+    setup_hash TEXT NOT NULL, blob BLOB NOT NULL,
+    PRIMARY KEY (attack_key, batch_start, attack_index));
 """
 
 
-TABLES = ("setups", "batches", "samples", "sanity", "rows")
+TABLES = ("setups", "batches", "samples", "sanity", "rows", "examples")
+
+
+@dataclass(frozen=True)
+class StoredExamples:
+    """One batch's stored adversarial examples (one blob per attack, in the setup's attack order),
+    the setup that attacked (``source``) and the seconds its attack took."""
+
+    source: str
+    attack_s: float
+    blobs: list[bytes]
 
 
 def setup_hash(setup: dict) -> str:
@@ -94,13 +112,24 @@ class ResultStore:
             (key, json.dumps(setup, sort_keys=True, default=str), time.time()),
         )])
 
-    def commit_batch(self, key: str, start: int, records: dict[str, list[dict]], cost: dict) -> None:
-        """One batch: its per-image records per evaluation mode and its cost, atomically."""
+    def commit_batch(
+        self, key: str, start: int, records: dict[str, list[dict]], cost: dict,
+        attack_key: str | None = None, examples: Sequence[bytes] = (),
+    ) -> None:
+        """One batch, atomically: its per-image records per evaluation mode, its cost and, when it
+        was attacked (not judged from stored examples), its adversarial examples (one blob per
+        attack) under ``attack_key``. Examples already stored under that key are kept."""
+        if examples and attack_key is None:
+            raise ValueError("adversarial examples need their attack key")
         n = len(next(iter(records.values())))
         statements = [("INSERT OR REPLACE INTO batches VALUES (?, ?, ?, ?)", (key, start, n, json.dumps(cost)))]
         statements += [
             ("INSERT OR REPLACE INTO samples VALUES (?, ?, ?, ?, ?)", (key, mode, r["index"], start, json.dumps(r)))
             for mode, rows in records.items() for r in rows
+        ]
+        statements += [
+            ("INSERT OR IGNORE INTO examples VALUES (?, ?, ?, ?, ?)", (attack_key, start, j, key, blob))
+            for j, blob in enumerate(examples)
         ]
         self._transaction(statements)
 
@@ -133,16 +162,39 @@ class ResultStore:
         rows = self.db.execute("SELECT cost FROM batches WHERE setup_hash = ? ORDER BY batch_start", (key,))
         return [json.loads(cost) for (cost,) in rows]
 
-    def batches(self, key: str) -> list[tuple[int, dict[str, list[dict]], dict]]:
-        """Every committed batch of a setup as (start, records per mode, cost): what a shard sends."""
+    def batches(self, key: str) -> list[tuple[int, dict[str, list[dict]], dict, str | None, list[bytes]]]:
+        """Every committed batch of a setup as the arguments of commit_batch after the key (start,
+        records per mode, cost, attack key, the examples this setup stored): what a shard sends."""
         records: dict[int, dict[str, list[dict]]] = {}
         for start, mode, record in self.db.execute(
             "SELECT batch_start, mode, record FROM samples WHERE setup_hash = ? ORDER BY batch_start, image_index",
             (key,),
         ):
             records.setdefault(start, {}).setdefault(mode, []).append(json.loads(record))
+        examples: dict[int, tuple[str, list[bytes]]] = {}
+        for start, attack_key, blob in self.db.execute(
+            "SELECT batch_start, attack_key, blob FROM examples WHERE setup_hash = ? ORDER BY batch_start, attack_index",
+            (key,),
+        ):
+            examples.setdefault(start, (attack_key, []))[1].append(bytes(blob))
         costs = self.db.execute("SELECT batch_start, cost FROM batches WHERE setup_hash = ? ORDER BY batch_start", (key,))
-        return [(start, records.get(start, {}), json.loads(cost)) for start, cost in costs]
+        return [(start, records.get(start, {}), json.loads(cost), *examples.get(start, (None, [])))
+                for start, cost in costs]
+
+    def stored_examples(self, attack_key: str) -> dict[int, StoredExamples]:
+        """The adversarial examples stored under an attack key, per batch start (by whichever
+        setup attacked that batch first)."""
+        found: dict[int, StoredExamples] = {}
+        for start, source, cost, blob in self.db.execute(
+            "SELECT e.batch_start, e.setup_hash, b.cost, e.blob FROM examples e JOIN batches b "
+            "ON b.setup_hash = e.setup_hash AND b.batch_start = e.batch_start "
+            "WHERE e.attack_key = ? ORDER BY e.batch_start, e.attack_index",
+            (attack_key,),
+        ):
+            if start not in found:
+                found[start] = StoredExamples(source, json.loads(cost)["attack_s"], [])
+            found[start].blobs.append(bytes(blob))
+        return found
 
     def per_image(self, key: str, mode: str) -> pd.DataFrame:
         """Per-image records of one evaluation mode, in the order of the run's image subset."""

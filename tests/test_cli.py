@@ -137,6 +137,23 @@ def test_no_checkpointing_changes_no_result(tmp_path, monkeypatch):
     pd.testing.assert_frame_equal(records[0], records[1])
 
 
+def test_eval_seed_rejudges_the_stored_examples_of_a_run(tmp_path, capsys):
+    from conftest import write_image_tar
+
+    data = write_image_tar(tmp_path / "test.tar", 2, "test")
+    common = ["run", "--defense", "none", "--data", str(data), "-n", "2", "--steps", "1", "--eot", "1",
+              "--batch-size", "2", "--sanity-images", "0", "--leaderboard-dir", str(tmp_path / "lb")]
+    assert main(common) == 0
+    assert main(common + ["--eval-seed", "5", "--evaluation", "single,expected:2"]) == 0
+    assert "none: judging 1 of 1 batches from stored adversarial examples" in capsys.readouterr().out
+    with ResultStore(tmp_path / "lb" / "results.sqlite") as store:
+        first, *rejudged = store.rows()
+        single, expected = sorted(rejudged, key=lambda row: row["evaluation"] != "single")
+        assert (first["eval_seed"], single["eval_seed"]) == (0, 5) and single["attack_reused"] and not first["attack_reused"]
+        assert expected["evaluation"] == "expected:2" and expected["robust_acc"] == single["robust_acc"]  # deterministic
+        pd.testing.assert_frame_equal(store.per_image(first["setup_hash"], "single"), store.per_image(single["setup_hash"], "single"))
+
+
 def test_report_without_a_store_is_one_line(tmp_path, capsys):
     assert main(["report", "--store", str(tmp_path / "none.sqlite")]) == 2
     assert "no result store at" in capsys.readouterr().err
@@ -154,6 +171,8 @@ def test_report_without_a_store_is_one_line(tmp_path, capsys):
         (["run", "--defense", "diffpure", "--mask-aware"], "no attention mask"),
         (["run", "--defense", "hetpure", "--evaluation", "worst:0"], "unknown evaluation mode"),
         (["run", "--defense", "hetpure", "--sanity-images", "-1"], "sanity needs images >= 0"),
+        (["run", "--defense", "hetpure", "--eval-seed", "-1"], "eval seed must be an integer >= 0"),
+        (["run", "--defense", "hetpure", "--evaluation", "expected:0"], "unknown evaluation mode"),
         (["run", "--defense", "hetpure", "--evaluation", "vote"], "unknown evaluation mode"),
         (["run", "--defense", "hetpure", "--preset", "nope"], "unknown preset"),
         (["run", "--defense", "hetpure", "--defense-arg", "t_l"], "KEY=VALUE"),

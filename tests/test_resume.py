@@ -15,6 +15,7 @@ import pytest
 
 from conftest import write_image_tar
 from hetpure_bench.leaderboard import COST_COLUMNS
+from hetpure_bench.store import ResultStore
 
 N_IMAGES = 6
 
@@ -53,6 +54,11 @@ def _samples(store):
         return db.execute("SELECT mode, image_index, record FROM samples ORDER BY mode, image_index").fetchall()
 
 
+def _examples(store):
+    with closing(sqlite3.connect(store)) as db:
+        return db.execute("SELECT attack_key, batch_start, attack_index, blob FROM examples ORDER BY batch_start, attack_index").fetchall()
+
+
 def _results_only(leaderboard_dir):
     csv, = leaderboard_dir.glob("*-Linf.csv")  # one data source, one threat model (not the .headline.csv)
     return pd.read_csv(csv).drop(columns=COST_COLUMNS)
@@ -86,15 +92,21 @@ def test_a_run_killed_after_its_first_batch_resumes_to_the_same_leaderboard(tmp_
     samples = _samples(store)
     assert len(samples) == 2 * N_IMAGES == len({(m, i) for m, i, _ in samples})  # none lost, none twice
     assert samples == _samples(reference / "results.sqlite")
+    assert len(_examples(store)) == N_IMAGES and _examples(store) == _examples(reference / "results.sqlite")
     resumed, expected = _results_only(out), _results_only(reference)
     assert len(resumed) == 2
     pd.testing.assert_frame_equal(resumed, expected)
 
 
-def test_torchrun_with_two_processes_matches_the_single_process_run(tmp_path, uninterrupted):
+def _torchrun():
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
     if torchrun is None:
         pytest.skip("torchrun not found")
+    return torchrun
+
+
+def test_torchrun_with_two_processes_matches_the_single_process_run(tmp_path, uninterrupted):
+    torchrun = _torchrun()
     data, reference = uninterrupted
     out = tmp_path / "lb"
     result = subprocess.run(
@@ -104,6 +116,29 @@ def test_torchrun_with_two_processes_matches_the_single_process_run(tmp_path, un
     assert result.returncode == 0, result.stderr[-3000:]
     assert "[rank 1/2]" in result.stderr and "[rank 0/2]" in result.stderr  # both ranks computed batches
     assert _samples(out / "results.sqlite") == _samples(reference / "results.sqlite")
+    assert _examples(out / "results.sqlite") == _examples(reference / "results.sqlite")  # merged from the shards
     pd.testing.assert_frame_equal(_results_only(out), _results_only(reference))
     assert not list(out.glob("*.rank*"))  # the shard files are gone
     assert sorted(p.suffix for p in out.iterdir()) == [".csv", ".json", ".md", ".sqlite"]
+
+
+@pytest.mark.slow
+def test_torchrun_judges_stored_examples_on_every_rank(tmp_path, uninterrupted):
+    data, reference = uninterrupted
+    out = tmp_path / "lb"
+    out.mkdir()
+    shutil.copy(reference / "results.sqlite", out / "results.sqlite")
+    # Other evaluation modes: both ranks judge the stored examples (rank 1 gets them from rank 0).
+    result = subprocess.run(
+        [_torchrun(), "--standalone", "--nproc_per_node=2", "-m", "hetpure_bench",
+         *_command(data, out, "--device", "cpu", "--evaluation", "worst:2,expected:2")],
+        capture_output=True, text=True, timeout=600, env=_env(),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"judging {N_IMAGES} of {N_IMAGES} batches from stored adversarial examples" in result.stdout
+    assert "[rank 1/2]" in result.stderr and "[rank 0/2]" in result.stderr
+    assert _examples(out / "results.sqlite") == _examples(reference / "results.sqlite")  # none attacked again
+    with ResultStore(out / "results.sqlite") as store, ResultStore(reference / "results.sqlite") as ref:
+        (rejudged,) = [r["setup_hash"] for r in store.rows() if r["evaluation"] == "worst:2" and r["attack_reused"]]
+        (original,) = [r["setup_hash"] for r in ref.rows() if r["evaluation"] == "worst:2"]
+        pd.testing.assert_frame_equal(store.per_image(rejudged, "worst:2"), ref.per_image(original, "worst:2"))

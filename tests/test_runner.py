@@ -1,4 +1,5 @@
 import dataclasses
+from dataclasses import dataclass
 
 import pandas as pd
 import pytest
@@ -11,6 +12,7 @@ from hetpure_bench.errors import UserError
 from hetpure_bench.evaluation import majority_vote, parse_evaluation_mode, predict
 from hetpure_bench.runner import RunSpec, attack_and_evaluate, evaluate_modes, parse_eps, spec_from_preset, validate
 from hetpure_bench.statistics import wilson_interval
+from hetpure_bench.store import ResultStore
 from tiny_models import tiny_models
 
 
@@ -55,10 +57,13 @@ def test_modes_evaluated_together_share_passes_and_equal_each_mode_alone():
     defense.register_forward_pre_hook(lambda module, args: calls.append(1))
     run = lambda modes: evaluate_modes(defense, defense, [attack], x, y, index, RunSpec(defense="hetpure", batch_size=6),  # noqa: E731
                                        modes, progress=False)
-    together = run(["single", "vote:3", "worst:3"])
+    modes = ["single", "vote:3", "worst:3", "expected:3"]
+    together = run(modes)
     assert len(calls) == 1 + 2 * 3  # the attack's one pass, then 3 passes each for clean and adversarial
-    for mode in ("single", "vote:3", "worst:3"):
+    for mode in modes:
         pd.testing.assert_frame_equal(together[mode], run([mode])[mode])
+    # All 3 passes right <=> worst-of-3 right.
+    assert ((together["expected:3"]["robust_correct"] == 1) == together["worst:3"]["robust_correct"]).all()
 
 
 def test_attack_lowers_accuracy_of_the_bare_classifier():
@@ -209,3 +214,101 @@ def test_the_image_subset_has_its_own_seed(tmp_path):
     by_seed_0 = load(dataclasses.replace(base, seed=0, data_seed=None), torch.device("cpu"), {}).data.index
     assert torch.equal(by_data_seed, by_seed_0)
     assert not torch.equal(by_data_seed, load(dataclasses.replace(base, data_seed=None), torch.device("cpu"), {}).data.index)
+@dataclass
+class _Images:
+    """What runner.load's data provides: [0,1] images with labels and dataset indices."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    index: torch.Tensor
+    source: str = "generated"
+
+    def as_float(self):
+        return self.images
+
+    def __len__(self):
+        return len(self.labels)
+
+
+def _tiny_runs(monkeypatch):
+    """runner.run on 6 generated 8x8 images with a tiny diffusion model and a linear classifier
+    (whose predictions vary with DiffPure's noise); returns the list of attack calls."""
+    from hetpure_bench import runner
+    from linear_models import LinearClassifier
+
+    _, diffusion = tiny_models()
+    g = torch.Generator().manual_seed(0)
+    classifier = LinearClassifier(torch.randn(10, 192, generator=g), torch.zeros(10)).eval()
+    x = torch.rand(6, 3, 8, 8, generator=g)
+    data = _Images(x, classifier(x).argmax(1).detach(), torch.arange(6) * 3)
+    monkeypatch.setattr(runner, "load", lambda spec, device, cache: runner.Loaded(data, classifier, diffusion))
+    calls, perturb = [], PGDEOT.perturb
+    monkeypatch.setattr(PGDEOT, "perturb", lambda self, *a, **k: calls.append(self) or perturb(self, *a, **k))
+    return calls
+
+
+def _spec(defense, **changes):
+    overrides = {"t_star": 0.2, "sampler": "ddim", "ddim_stride": 100} if defense == "diffpure" else {}
+    spec = RunSpec(defense=defense, n_images=6, batch_size=3, evaluation="single,expected:3", sanity={"images": 0},
+                   attack={"name": "pgd-eot", "steps": 1, "eot": 1, "step_size": 0.01}, defense_overrides=overrides)
+    return dataclasses.replace(spec, **changes)
+
+
+def test_rerunning_with_other_evaluation_settings_judges_the_stored_examples_without_attacking(tmp_path, monkeypatch, capsys):
+    from hetpure_bench.runner import attack_key, run
+
+    attacks = _tiny_runs(monkeypatch)
+    with ResultStore(tmp_path / "r.sqlite") as store:
+        first = run(_spec("diffpure"), store, progress=False)
+        assert len(attacks) == 2  # one attack, two batches
+        again = run(_spec("diffpure", evaluation="expected:3,worst:2"), store, progress=False)
+        seeded = run(_spec("diffpure", eval_seed=7), store, progress=False)
+        assert len(attacks) == 2  # neither attacked
+        assert "judging 2 of 2 batches from stored adversarial examples" in capsys.readouterr().out
+        key, again_key, seeded_key = first[0]["setup_hash"], again[0]["setup_hash"], seeded[0]["setup_hash"]
+        assert len({key, again_key, seeded_key}) == 3
+        assert len({attack_key(store.setup(k)) for k in (key, again_key, seeded_key)}) == 1
+        # The default evaluation seed: the same records, bit for bit.
+        pd.testing.assert_frame_equal(store.per_image(again_key, "expected:3"), store.per_image(key, "expected:3"))
+        # Another evaluation seed: the same examples under other noise, so other predictions.
+        original, rejudged = store.per_image(key, "expected:3"), store.per_image(seeded_key, "expected:3")
+        assert (original["clean_pred"] != rejudged["clean_pred"]).any()
+        assert (original["clean_correct"] != rejudged["clean_correct"]).any()
+        # Only the first run stored examples; the others copy its attack's seconds.
+        assert store.db.execute("SELECT COUNT(*), COUNT(DISTINCT setup_hash) FROM examples").fetchone() == (2, 1)
+        costs, reused = store.batch_costs(key), store.batch_costs(seeded_key)
+        assert [c["attack_reused_from"] for c in reused] == [key, key] and "attack_reused_from" not in costs[0]
+        assert [c["attack_s"] for c in reused] == [c["attack_s"] for c in costs]
+        assert [(r["eval_seed"], r["attack_reused"]) for r in first + seeded] == [(0, False)] * 2 + [(7, True)] * 2
+        # An eval seed equal to the run's seed is the run itself: nothing to compute.
+        assert [r["setup_hash"] for r in run(_spec("diffpure", eval_seed=0), store, progress=False)] == [key, key]
+        assert len(attacks) == 2
+
+
+def test_a_deterministic_defense_judges_stored_examples_under_any_seed_alike(tmp_path, monkeypatch):
+    from hetpure_bench.runner import run
+
+    attacks = _tiny_runs(monkeypatch)
+    with ResultStore(tmp_path / "r.sqlite") as store:
+        first = run(_spec("none"), store, progress=False)
+        seeded = run(_spec("none", eval_seed=3), store, progress=False)
+        assert len(attacks) == 2
+        for mode in ("single", "expected:3"):
+            pd.testing.assert_frame_equal(store.per_image(first[0]["setup_hash"], mode), store.per_image(seeded[0]["setup_hash"], mode))
+        assert first[0]["robust_acc"] < first[0]["clean_acc"] == 1  # the examples do something
+
+
+def test_the_attack_key_ignores_exactly_the_evaluation_settings():
+    from hetpure_bench.runner import attack_key
+
+    setup = {"eps": "0.0313725", "seed": 0, "evaluation_modes": ["single"], "sanity": {"images": 8}}
+    same = {**setup, "evaluation_modes": ["worst:5"], "eval_seed": 3, "sanity": {"images": 0}}
+    assert attack_key(same) == attack_key(setup)
+    assert attack_key({**setup, "eps": "0.01"}) != attack_key(setup)
+    assert attack_key({**setup, "seed": 1}) != attack_key(setup)
+
+
+def test_a_bad_eval_seed_is_refused():
+    for bad in (-1, "3", 1.5):
+        with pytest.raises(UserError, match="eval seed must be an integer >= 0"):
+            validate(spec_from_preset("smoke", "none", eval_seed=bad))

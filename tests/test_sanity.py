@@ -110,3 +110,58 @@ def test_a_gradient_masking_classifier_fails_the_undefended_unbounded_check():
     checks = _checks(NoDefense(masked, None), masked, x, y, PGDEOT(eps=EPS, step_size=0.01, steps=4, eot=1))
     assert not checks["unbounded-undefended"].passed, checks["unbounded-undefended"].detail
     assert "8/8 robust" in checks["unbounded-undefended"].detail
+
+
+def _fractional_checks(robust_by_budget, zero_robust=None, tolerance=1):
+    """The checks on 4 images with expected:K-style fractional outcomes, from an ``evaluate``
+    that returns scripted frames per attack budget (eps/2, steps/2, full, unbounded)."""
+    import pandas as pd
+
+    from hetpure_bench.sanity import SanityConfig, run_sanity_checks
+
+    model, x, y = linear_problem(n=4)
+    clean = [0.5, 1.0, 0.25, 1.0]
+    attack = PGDEOT(eps=EPS, step_size=0.01, steps=4, eot=1)
+
+    def frame(robust):
+        return pd.DataFrame({"clean_pred": y.tolist(), "adv_pred": y.tolist(), "clean_correct": clean, "robust_correct": robust})
+
+    def evaluate(attacks, defense=None, target=None):
+        a = attacks[0]
+        if a.eps == 0:
+            return frame(zero_robust or clean)
+        if a.eps > 0.5:
+            return frame([0.0] * 4)  # unbounded
+        return frame(robust_by_budget["eps/2" if a.eps < EPS else "steps/2" if a.steps < 4 else "full"])
+
+    checks = run_sanity_checks(evaluate, frame(robust_by_budget["full"]), [attack], model, model, x, y, "Linf",
+                               SanityConfig(images=4, tolerance=tolerance))
+    return {c.name: c for c in checks}
+
+
+def test_monotonicity_with_fractional_outcomes_allows_tolerance_over_n_in_the_mean():
+    # Sums: eps/2 1.3, steps/2 1.5, full 2.4: 2.4 > 1.3 + 1 (fails), 2.4 <= 1.5 + 1 (passes).
+    budgets = {"eps/2": [0.3, 0.5, 0.25, 0.25], "steps/2": [0.5, 0.5, 0.25, 0.25], "full": [0.4, 1.0, 0.25, 0.75]}
+    checks = _fractional_checks(budgets)
+    assert not checks["eps-monotone"].passed
+    assert checks["eps-monotone"].detail == "robust 1.3/4 at eps/2, 2.4/4 at eps (tolerance 1)"
+    assert checks["steps-monotone"].passed and checks["eps-zero"].passed and checks["unbounded-defended"].passed
+    assert _fractional_checks(budgets, tolerance=2)["eps-monotone"].passed
+
+
+def test_eps_zero_with_fractional_outcomes_compares_each_image_over_every_pass():
+    budgets = {"eps/2": [0.5] * 4, "steps/2": [0.5] * 4, "full": [0.5] * 4}
+    # Same first-pass predictions, but image 0 right in fewer adversarial passes than clean ones.
+    check = _fractional_checks(budgets, zero_robust=[0.25, 1.0, 0.25, 1.0])["eps-zero"]
+    assert not check.passed and "1/4 predictions differ" in check.detail and "robust 2.5/4 vs clean 2.75/4" in check.detail
+
+
+def test_an_honest_setup_passes_every_check_under_expected_outcomes():
+    model, x, y = linear_problem(n=8)
+    defense, attack = NoDefense(model, None), PGDEOT(eps=EPS, step_size=0.01, steps=8, eot=1)
+    spec = RunSpec(defense="test", eps=EPS, batch_size=8, evaluation="expected:2", sanity={"images": 8})
+    index = torch.arange(8)
+    frames = {"expected:2": attack_and_evaluate(defense, defense, [attack], x, y, index, spec, progress=False)}
+    checks = sanity_checks(defense, defense, [attack], model, x, y, index, spec, frames)["expected:2"]
+    assert frames["expected:2"]["robust_correct"].dtype == float
+    assert all(c.passed for c in checks), summarise(checks)

@@ -3,7 +3,7 @@ import sqlite3
 import pytest
 
 from hetpure_bench.errors import UserError
-from hetpure_bench.store import ResultStore, setup_hash
+from hetpure_bench.store import ResultStore, StoredExamples, setup_hash
 
 
 def _records(start, n, correct=True):
@@ -25,7 +25,7 @@ def test_batches_round_trip_in_run_order_and_survive_reopening(tmp_path):
         assert frame["index"].tolist() == [0, 1, 2, 3, 4, 5] and frame["robust_correct"].sum() == 4
         assert [c["attack_s"] for c in store.batch_costs("k")] == [2.0, 1.0]
         assert store.setup("k") == {"defense": "hetpure"} and store.setup("nope") is None
-        assert [start for start, _, _ in store.batches("k")] == [0, 4]
+        assert [batch[0] for batch in store.batches("k")] == [0, 4]
     assert not (tmp_path / "sub" / "results.sqlite-wal").exists() or (tmp_path / "sub" / "results.sqlite-wal").stat().st_size == 0
 
 
@@ -34,9 +34,35 @@ def test_a_failing_batch_commits_nothing(tmp_path):
     bad = _records(0, 3)
     bad["worst:2"][2]["oops"] = object()  # not JSON: fails after the first rows were inserted
     with pytest.raises(TypeError):
-        store.commit_batch("k", 0, bad, {})
+        store.commit_batch("k", 0, bad, {}, "attack", [b"examples"])
     assert store.done_batches("k") == set() and store.per_image("k", "single").empty
+    with pytest.raises(sqlite3.ProgrammingError):  # fails after the records: none of them stays
+        store.commit_batch("k", 0, _records(0, 3), {}, "attack", [object()])
+    assert store.done_batches("k") == set() and store.per_image("k", "single").empty
+    assert store.stored_examples("attack") == {}
     store.close()
+
+
+def test_adversarial_examples_are_committed_with_their_batch_and_found_by_attack_key(tmp_path):
+    path = tmp_path / "r.sqlite"
+    with ResultStore(path) as store:
+        store.commit_batch("a", 0, _records(0, 2), {"attack_s": 3.0}, "attack-1", [b"pgd", b"apgd"])
+        store.commit_batch("a", 2, _records(2, 2), {"attack_s": 4.0}, "attack-1", [b"pgd2", b"apgd2"])
+        # Another evaluation of the same attack, judged from those examples: it stores none, and
+        # examples stored again under the key keep the first ones.
+        store.commit_batch("b", 0, _records(0, 2), {"attack_s": 3.0, "attack_reused_from": "a"}, "attack-1", [])
+        store.commit_batch("c", 2, _records(2, 2), {"attack_s": 9.0}, "attack-1", [b"other", b"other"])
+        with pytest.raises(ValueError, match="attack key"):
+            store.commit_batch("d", 0, _records(0, 2), {}, None, [b"x"])
+    with ResultStore(path) as store:
+        found = store.stored_examples("attack-1")
+        assert sorted(found) == [0, 2] and store.stored_examples("attack-2") == {}
+        assert found[0] == StoredExamples("a", 3.0, [b"pgd", b"apgd"])
+        assert found[2] == StoredExamples("a", 4.0, [b"pgd2", b"apgd2"])
+        assert [batch[3:] for batch in store.batches("a")] == [("attack-1", [b"pgd", b"apgd"]), ("attack-1", [b"pgd2", b"apgd2"])]
+        assert [batch[3:] for batch in store.batches("b")] == [(None, [])]
+        store.forget("a")
+        assert store.stored_examples("attack-1") == {}
 
 
 def test_rows_sanity_and_forgetting_a_setup(tmp_path):
