@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .attacks.apgd import APGDEOT
 from .attacks.autoattack import AutoAttackSuite
 from .attacks.base import Attack
 from .attacks.gradients import parse_gradient_mode
@@ -27,6 +28,8 @@ def gradient_evaluations(attack: Attack) -> int:
     every image through every sub-attack, also those already broken)."""
     if isinstance(attack, PGDEOT):
         return attack.steps * attack.eot
+    if isinstance(attack, APGDEOT):
+        return attack.restarts * (attack.steps + 1) * attack.eot  # each restart's start point too
     if isinstance(attack, AutoAttackSuite):
         if attack.version == "rand":
             return 2 * attack.steps * attack.eot_samples  # APGD-CE and APGD-DLR

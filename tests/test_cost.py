@@ -1,5 +1,6 @@
 import pytest
 
+from hetpure_bench.attacks.apgd import APGDEOT
 from hetpure_bench.attacks.autoattack import AutoAttackSuite
 from hetpure_bench.attacks.pgd_eot import PGDEOT
 from hetpure_bench.attacks.torchattacks_adapter import TorchAttack
@@ -9,6 +10,7 @@ from hetpure_bench.cost import PassTimes, estimate, gradient_evaluations
 
 def test_gradient_evaluations_per_attack():
     assert gradient_evaluations(PGDEOT(steps=200, eot=20)) == 4000
+    assert gradient_evaluations(APGDEOT(steps=100, eot=20, restarts=2)) == 2 * 101 * 20
     assert gradient_evaluations(AutoAttackSuite(version="rand")) == 2 * 100 * 20
     assert gradient_evaluations(AutoAttackSuite(version="standard")) == 100 * (1 + 2 * 9)
     assert gradient_evaluations(TorchAttack.from_settings("Linf", 0.03, 0, attack="EOTPGD", steps=10, eot_iter=3)) == 30

@@ -7,6 +7,7 @@ from typing import Any
 
 from ..errors import UserError
 from ..registry import Registry
+from .apgd import APGDEOT
 from .autoattack import build_autoattack
 from .base import Attack
 from .pgd_eot import PGDEOT
@@ -14,6 +15,10 @@ from .torchattacks_adapter import TorchAttack
 
 ATTACKS: Registry[list[Attack]] = Registry("attack")
 ATTACKS.register("pgd-eot", lambda **kw: [PGDEOT(**kw)], summary="PGD-EOT (Lee & Kim, ICCV 2023), batched EOT")
+ATTACKS.register(
+    "apgd-eot", lambda **kw: [APGDEOT(**kw)],
+    summary="APGD (Croce & Hein, 2020) with batched EOT: loss ce, margin (default) or dlr; steps, eot, restarts, rho",
+)
 ATTACKS.register(
     "autoattack", build_autoattack,
     summary="AutoAttack via pyautoattack: version standard, rand, or standard+rand (per-image worst of both)",

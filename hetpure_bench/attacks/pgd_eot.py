@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..errors import UserError
 from .base import Attack
-from .threat import NORMS, project
+from .threat import NORMS, project, uniform_in_ball
 
 
 @dataclass(frozen=True)
@@ -52,21 +52,13 @@ class PGDEOT(Attack):
         norms = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
         return self.step_size * grad / norms
 
-    def random_delta(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        if self.norm == "Linf":
-            return (torch.rand(x.shape, generator=generator, device=x.device) * 2 - 1) * self.eps
-        direction = torch.randn(x.shape, generator=generator, device=x.device)
-        direction = direction / direction.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-        radius = torch.rand(x.shape[0], generator=generator, device=x.device).view(-1, 1, 1, 1)
-        return direction * radius * self.eps
-
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, progress: bool = False) -> torch.Tensor:
         """Adversarial examples for [0,1] images ``x`` with labels ``y`` against ``model``."""
         x = x.detach()
         x_adv = x.clone()
         if self.random_start and self.eps > 0:
             generator = torch.Generator(x.device).manual_seed(self.seed)
-            x_adv = project(x + self.random_delta(x, generator), x, self.norm, self.eps)
+            x_adv = project(x + uniform_in_ball(x, self.norm, self.eps, generator), x, self.norm, self.eps)
         for _ in tqdm(range(self.steps), desc="PGD-EOT", leave=False, disable=not progress):
             x_adv.requires_grad_(True)
             grad, = torch.autograd.grad(self.eot_loss(model, x_adv, y), x_adv)
