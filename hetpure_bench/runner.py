@@ -121,7 +121,8 @@ def validate(spec: RunSpec) -> None:
         raise UserError(f"eval seed must be an integer >= 0, got {spec.eval_seed!r}")
     parse_gradient_mode(spec.gradient)
     evaluation_modes(spec)
-    build_attacks(spec.attack, spec.threat, spec.eps, spec.seed)
+    for attack in build_attacks(spec.attack, spec.threat, spec.eps, spec.seed):
+        attack.check_target(spec.gradient, defense_cls)
     if mask_temperature(spec.attack) is not None:
         check_mask_aware(spec.gradient, spec.defense, config)
     sanity_config(spec)

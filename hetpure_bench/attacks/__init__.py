@@ -10,6 +10,7 @@ from ..registry import Registry
 from .apgd import APGDEOT
 from .autoattack import build_autoattack
 from .base import Attack
+from .diffattack import DiffAttack
 from .pgd_eot import PGDEOT
 from .torchattacks_adapter import TorchAttack
 
@@ -18,6 +19,11 @@ ATTACKS.register("pgd-eot", lambda **kw: [PGDEOT(**kw)], summary="PGD-EOT (Lee &
 ATTACKS.register(
     "apgd-eot", lambda **kw: [APGDEOT(**kw)],
     summary="APGD (Croce & Hein, 2020) with batched EOT: loss ce, margin (default) or dlr; steps, eot, restarts, rho",
+)
+ATTACKS.register(
+    "diffattack", lambda **kw: [DiffAttack(**kw)],
+    summary="DiffAttack (Kang et al., NeurIPS 2023): APGD-EOT on L_cls + lam * L_dev (deviated reconstruction), "
+            "rounds ce then dlr; steps, eot, lam, losses, sampled_steps, restarts, rho",
 )
 ATTACKS.register(
     "autoattack", build_autoattack,

@@ -2,7 +2,8 @@
 attacks) and ``seed`` fields, a ``name`` for result labels, and
 ``perturb(model, x01, y) -> x_adv01`` for [0,1] images. ``model`` is whatever the gradient mode
 says the attacker differentiates (gradients.py); the runner evaluates the real defense on the
-result, so an attack never decides by itself whether it succeeded."""
+result, so an attack never decides by itself whether it succeeded. ``check_target`` refuses, in
+one line and before any heavy work, a defense or gradient mode the attack cannot run against."""
 
 from __future__ import annotations
 
@@ -25,6 +26,10 @@ class Attack:
 
     def perturb(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, progress: bool = False) -> torch.Tensor:
         raise NotImplementedError
+
+    def check_target(self, gradient: str, defense: Any) -> None:
+        """Raise a one-line UserError if the attack cannot run against ``defense`` (a Defense or
+        its class) under the gradient mode ``gradient``; most attacks run against anything."""
 
     def replace(self, **changes: Any) -> "Attack":
         return dataclasses.replace(self, **changes)
