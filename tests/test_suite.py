@@ -16,6 +16,7 @@ from hetpure_bench.store import ResultStore
 from test_runner import _spec, _tiny_runs
 
 MEMBERS = {"apgd-eot": {"steps": 1, "eot": 1}}  # tiny members: one iteration each
+APGD_PAIR = [{"name": "apgd-eot", "loss": "margin"}, {"name": "apgd-eot", "loss": "ce"}]
 
 
 def _build(settings):
@@ -27,7 +28,8 @@ def test_the_suite_row_is_the_per_image_worst_case_with_each_members_own_accurac
 
     _tiny_runs(monkeypatch)
     with ResultStore(tmp_path / "r.sqlite") as store:
-        row = run(_spec("none", eps=0.01, evaluation="single", attack={"name": "suite", **MEMBERS}), store, progress=False)[0]
+        row = run(_spec("none", eps=0.01, evaluation="single", attack={"name": "suite", "members": APGD_PAIR, **MEMBERS}), store,
+                  progress=False)[0]
         suite = store.per_image(row["setup_hash"], "single")
         # Each member alone, an independent run with its own setup: the same examples, so the same outcomes.
         alone = {}
@@ -52,19 +54,23 @@ def test_the_suite_row_is_the_per_image_worst_case_with_each_members_own_accurac
 
 
 def test_suite_settings_size_members_per_attack_name_and_the_command_line_sizes_every_member():
+    from hetpure_bench.attacks.diffattack import DiffAttack
+
     default = _build({"name": "suite"})
-    assert [(type(a), a.loss, a.steps) for a in default] == [(APGDEOT, "margin", 100), (APGDEOT, "ce", 100)]
-    assert [{"name": "apgd-eot", "loss": a.loss} for a in default] == list(DEFAULT_SUITE)
+    assert [(type(a), getattr(a, "loss", None), a.steps) for a in default] == [
+        (APGDEOT, "margin", 100), (APGDEOT, "ce", 100), (DiffAttack, None, DiffAttack().steps)]
+    assert [{"name": "apgd-eot", "loss": a.loss} for a in default[:2]] == list(DEFAULT_SUITE[:2])
+    assert DEFAULT_SUITE[2] == {"name": "diffattack"}
     # Per attack name: sizes (a member's own loss wins); any other setting: every member.
     sized = _build({"name": "suite", "apgd-eot": {"steps": 7, "eot": 3, "loss": "dlr"}, "eot": 5})
-    assert [(a.loss, a.steps, a.eot) for a in sized] == [("margin", 7, 5), ("ce", 7, 5)]
+    assert [(getattr(a, "loss", None), a.steps, a.eot) for a in sized] == [("margin", 7, 5), ("ce", 7, 5), (None, DiffAttack().steps, 5)]
     members = _build({"name": "suite", "members": [{"name": "pgd-eot", "steps": 3}, {"name": "apgd-eot", "loss": "dlr"}],
                       "apgd-eot": {"steps": 4}})
     assert [(type(a), a.steps) for a in members] == [(PGDEOT, 3), (APGDEOT, 4)] and members[1].loss == "dlr"
     # The command line on top of the preset's suite settings.
     spec = spec_from_preset("smoke", "hetpure", attack={"name": "suite", "steps": 3})
-    assert spec.attack == {"name": "suite", "apgd-eot": {"steps": 10, "eot": 2}, "steps": 3}
-    assert [(a.loss, a.steps, a.eot) for a in _build(spec.attack)] == [("margin", 3, 2), ("ce", 3, 2)]
+    assert spec.attack == {"name": "suite", "apgd-eot": {"steps": 10, "eot": 2}, "diffattack": {"steps": 5, "eot": 2}, "steps": 3}
+    assert [(getattr(a, "loss", None), a.steps, a.eot) for a in _build(spec.attack)] == [("margin", 3, 2), ("ce", 3, 2), (None, 3, 2)]
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -130,7 +136,7 @@ def test_members_that_do_not_apply_are_skipped_and_named_in_the_label(tmp_path, 
 
 
 def test_an_attack_that_cannot_run_is_refused_before_any_work(needs_states):
-    with pytest.raises(UserError, match="NeedsStates.* does not apply to defense 'none' with full gradients"):
+    with pytest.raises(UserError, match="NeedsStates needs a purifier's states"):
         validate(spec_from_preset("smoke", "none", attack={"name": "needs-states"}))
     with pytest.raises(UserError, match="no member of the suite applies to defense 'none'"):
         validate(_with_member("none", members=[{"name": "needs-states"}]))
@@ -141,7 +147,7 @@ def test_the_smoke_and_strong_presets_size_the_suite():
     smoke = spec_from_preset("smoke", "hetpure")
     assert smoke.attack["name"] == "pgd-eot"  # the main command's attack stays PGD-EOT
     members = _build(spec_from_preset("smoke", "hetpure", attack={"name": "suite"}).attack)
-    assert [(a.loss, a.steps, a.eot) for a in members] == [("margin", 10, 2), ("ce", 10, 2)]
+    assert [(getattr(a, "loss", None), a.steps, a.eot) for a in members] == [("margin", 10, 2), ("ce", 10, 2), (None, 5, 2)]
     from hetpure_bench.runner import load_preset
 
     defenses = list(load_preset("strong")["defenses"])
@@ -150,5 +156,6 @@ def test_the_smoke_and_strong_presets_size_the_suite():
         spec = spec_from_preset("strong", name)
         validate(spec)
         assert (spec.n_images, spec.evaluation, spec.attack["name"]) == (64, "expected:10,worst:10", "suite")
-        assert [(a.loss, a.steps, a.eot) for a in _build(spec.attack)] == [("margin", 50, 4), ("ce", 50, 4)]
+        assert [(getattr(a, "loss", None), a.steps, a.eot) for a in _build(spec.attack)] == [
+            ("margin", 50, 4), ("ce", 50, 4), (None, 25, 4)]
         assert placeholder_defense(spec).nfe <= 10  # the smoke preset's grids
