@@ -290,6 +290,7 @@ def _image_grid(args: argparse.Namespace, path: Path) -> None:
 
 def _report(row: dict, leaderboard_dir: Path, store_path: Path) -> None:
     from .accuracy_cells import accuracy_cell
+    from .runner import convergence_warning
 
     print(
         f"{row['defense']} [{row['defense_config']}] | {row['classifier']} + {row['diffusion_model']} | "
@@ -306,6 +307,8 @@ def _report(row: dict, leaderboard_dir: Path, store_path: Path) -> None:
         print(f"per attack (robust %): {row['robust_by_attack']}")
     if row["sanity"] not in ("ok", "not run"):
         print(f"WARNING: {row['defense']}: sanity check {row['sanity']}", file=sys.stderr)
+    if convergence_warning(row):
+        print(f"WARNING: {row['defense']}: {convergence_warning(row)}", file=sys.stderr)
     print(f"leaderboard: {leaderboard_dir}; per-image results: {store_path} (setup {row['setup_hash'][:12]})")
 
 
@@ -352,13 +355,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "stored by a run of the same setup again under new noise, without attacking")
     p.add_argument("--threat", choices=["Linf", "L2"])
     p.add_argument("--eps", help="attack budget, e.g. 8/255 (Linf) or 0.5 (L2)")
-    p.add_argument("--attack", help="pgd-eot, apgd-eot, autoattack or torchattacks (default: the preset's); "
+    p.add_argument("--attack", help="pgd-eot, apgd-eot, diffattack, autoattack, torchattacks or suite (default: the preset's); "
                    "the preset's settings for that attack apply")
     p.add_argument("--attack-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="attack setting, e.g. version=rand (autoattack) or attack=CW (torchattacks); repeatable")
-    p.add_argument("--steps", type=int, help="attack iterations")
+    p.add_argument("--steps", type=int, help="attack iterations (of a suite: every member)")
     p.add_argument("--step-size", type=float, help="PGD-EOT step size")
-    p.add_argument("--eot", type=int, help="EOT samples per iteration (PGD-EOT, AutoAttack)")
+    p.add_argument("--eot", type=int, help="EOT samples per iteration (PGD-EOT, APGD-EOT, AutoAttack; of a suite: every member)")
     p.add_argument("--random-start", action="store_true", default=None)
     p.add_argument("--mask-aware", type=float, nargs="?", const=0.05, metavar="TEMPERATURE",
                    help="mask-aware adaptive attack on hetpure: differentiate a sigmoid relaxation of "

@@ -14,6 +14,7 @@ from torch import nn
 from .attacks.apgd import APGDEOT
 from .attacks.autoattack import AutoAttackSuite
 from .attacks.base import Attack
+from .attacks.diffattack import DiffAttack
 from .attacks.gradients import parse_gradient_mode
 from .attacks.pgd_eot import PGDEOT
 from .attacks.torchattacks_adapter import TorchAttack
@@ -28,6 +29,8 @@ def gradient_evaluations(attack: Attack) -> int:
     every image through every sub-attack, also those already broken)."""
     if isinstance(attack, PGDEOT):
         return attack.steps * attack.eot
+    if isinstance(attack, DiffAttack):  # L_dev rides on the same passes: no extra network call
+        return len(attack.losses) * attack.restarts * (attack.steps + 1) * attack.eot
     if isinstance(attack, APGDEOT):
         return attack.restarts * (attack.steps + 1) * attack.eot  # each restart's start point too
     if isinstance(attack, AutoAttackSuite):

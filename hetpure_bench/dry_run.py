@@ -5,14 +5,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attacks import attack_label, build_attacks
+from .attacks import attack_label, is_suite, mask_temperature
 from .attacks.gradients import parse_gradient_mode
 from .classifiers import classifier_entry
 from .cost import PassTimes, estimate, measure_passes
-from .defenses import DEFENSES, build_defense
+from .defenses import DEFENSES
+from .defenses.base import Defense
 from .diffusion.zoo import DIFFUSION_MODELS
 from .registry import Entry
-from .runner import RunSpec, evaluation_modes
+from .runner import RunSpec, evaluation_modes, placeholder_defense, row_attacks
 from .statistics import CONFIDENCE, half_width
 
 SIZES = (32, 64, 128, 256, 512)  # the sizing line's alternatives (README's table)
@@ -30,8 +31,7 @@ def timing_network(entry: Entry) -> tuple[nn.Module | None, str]:
     return build().eval(), "random weights of the same architecture (real ones not cached)"
 
 
-def _defense_nfe(spec: RunSpec) -> tuple[int, int | None]:
-    defense = build_defense(spec.defense, nn.Identity(), nn.Identity(), spec.defense_overrides, spec.seed, spec.threat)
+def _defense_nfe(spec: RunSpec, defense: Defense) -> tuple[int, int | None]:
     kind, calls = parse_gradient_mode(spec.gradient)
     return defense.nfe, defense.surrogate(calls).nfe if kind == "surrogate" else None
 
@@ -60,11 +60,13 @@ def print_estimates(specs: list[RunSpec]) -> None:
             print(f"(measured at batch {batch}, seconds per image: {spec.diffusion_model if needs_diffusion else 'no diffusion'} "
                   f"forward {t.diffusion_forward:.4f}, forward+backward {t.diffusion_forward_backward:.4f} [{diffusion_weights}]; "
                   f"{spec.classifier} forward {t.classifier_forward:.4f}, forward+backward {t.classifier_forward_backward:.4f} [{classifier_weights}])")
-        attacks = build_attacks(spec.attack, spec.threat, spec.eps, spec.seed)
-        nfe, surrogate_nfe = _defense_nfe(spec)
+        defense = placeholder_defense(spec)
+        attacks, skipped = row_attacks(spec, defense)
+        nfe, surrogate_nfe = _defense_nfe(spec, defense)
+        label = attack_label(attacks, mask_temperature(spec.attack), is_suite(spec.attack), skipped)
         for mode in evaluation_modes(spec):
             cost = estimate(attacks, nfe, spec.gradient, mode, spec.n_images, timings[key], surrogate_nfe)
-            print(f"| {spec.defense} | {key[1]} | {nfe} | {attack_label(attacks, None)} | {spec.gradient} | {mode} | "
+            print(f"| {spec.defense} | {key[1]} | {nfe} | {label} | {spec.gradient} | {mode} | "
                   f"{cost.network_calls_per_image:,} | {cost.classifier_passes_per_image:,} | {cost.hours:,.1f} ({spec.n_images} images) | "
                   f"+-{points(spec.n_images)} points |")
     for n in sorted({spec.n_images for spec in specs}):

@@ -23,7 +23,7 @@ SETUP_COLUMNS = [
 INTERVAL_COLUMNS = ["clean_ci_low", "clean_ci_high", "robust_ci_low", "robust_ci_high", "interval_method"]
 ACCURACY_COLUMNS = ["clean_acc", "clean_ci_low", "clean_ci_high", "robust_acc", "robust_ci_low", "robust_ci_high",
                     "interval_method"]
-RESULT_COLUMNS = ACCURACY_COLUMNS + ["robust_by_attack", "sanity"]
+RESULT_COLUMNS = ACCURACY_COLUMNS + ["robust_by_attack", "sanity", "converged"]
 # What a row cost (measured, so never identical between two runs of the same setup).
 COST_COLUMNS = ["nfe", "wall_s", "images_per_s", "peak_mem_mib", "device"]
 COLUMNS = SETUP_COLUMNS + RESULT_COLUMNS + COST_COLUMNS
@@ -31,7 +31,7 @@ COLUMNS = SETUP_COLUMNS + RESULT_COLUMNS + COST_COLUMNS
 # A headline row: one defense setup on one set of images, combining every attack row run on them.
 HEADLINE_SETUP = ["defense", "defense_config", "classifier", "diffusion_model", "evaluation", "eps"]
 HEADLINE_COLUMNS = (["defense", "defense_config", "classifier", "diffusion_model", "data_source", "threat", "eps",
-                     "evaluation", "n_images", "seed"] + ACCURACY_COLUMNS + ["n_rows", "attacks", "sanity", "notes"])
+                     "evaluation", "n_images", "seed"] + ACCURACY_COLUMNS + ["n_rows", "attacks", "sanity", "converged", "notes"])
 
 
 def setup_key(row: dict) -> str:
@@ -40,8 +40,11 @@ def setup_key(row: dict) -> str:
 
 
 def cell(row: dict, column: str):
-    """A row's value in a column; rows stored before evaluation seeds existed used the run's seed."""
-    return row.get("eval_seed", row["seed"]) if column == "eval_seed" else row[column]
+    """A row's value in a column; rows stored before evaluation seeds existed used the run's seed,
+    rows stored before convergence histories were say "n/a"."""
+    if column == "eval_seed":
+        return row.get("eval_seed", row["seed"])
+    return row.get("converged", "n/a") if column == "converged" else row[column]
 
 
 def leaderboard_stem(data_source: str, threat: str) -> str:
@@ -83,12 +86,13 @@ def _attack_name(row: dict) -> str:
     return f"{row['attack']} ({row['gradient_mode']})"
 
 
-def _sanity(rows: list[dict]) -> str:
-    """One value when every combined row has it ("ok", "not run"); else each row that is not 'ok'."""
-    values = {r["sanity"] for r in rows}
+def _agreed(rows: list[dict], column: str, good: str) -> str:
+    """One value when every combined row has it (sanity "ok", "not run"; converged "yes", "n/a");
+    else each row whose value is not ``good``, with it."""
+    values = {cell(r, column) for r in rows}
     if len(values) == 1:
         return values.pop()
-    return "; ".join(f"{_attack_name(r)}: {r['sanity']}" for r in rows if r["sanity"] != "ok")
+    return "; ".join(f"{_attack_name(r)}: {cell(r, column)}" for r in rows if cell(r, column) != good)
 
 
 def worst_case(rows: list[dict], frames: list[pd.DataFrame]) -> dict | None:
@@ -121,7 +125,8 @@ def worst_case(rows: list[dict], frames: list[pd.DataFrame]) -> dict | None:
         "interval_method": robust_ci.method,
         "n_rows": len(used),
         "attacks": "; ".join(_attack_name(r) for r in used),
-        "sanity": _sanity(used),
+        "sanity": _agreed(used, "sanity", "ok"),
+        "converged": _agreed(used, "converged", "yes"),
         "notes": "; ".join(notes) or "-",
     }
 
@@ -187,7 +192,8 @@ HEADLINE_NOTE = (
     "per-image minimum of the rows' fractions is taken: an upper bound of the true worst case per "
     "purification pass (the passes of different rows are not paired). Best robust accuracy first. "
     "A sanity cell other than 'ok' names combined rows whose sanity checks failed or did not run: "
-    "gradient masking may have weakened those attacks, so the worst case may be too high.\n\n"
+    "gradient masking may have weakened those attacks, so the worst case may be too high; a converged "
+    "cell other than 'yes' names rows whose attack had not converged ('no') or recorded no history ('n/a').\n\n"
 )
 
 ROWS_NOTE = (
@@ -196,9 +202,11 @@ ROWS_NOTE = (
     "the strongest attack (lowest robust accuracy) first. robust_acc is the per-image worst case over "
     "the attacks of a row (robust_by_attack lists each one's own). A row whose sanity cell is not 'ok' "
     "failed a sanity check (gradient masking or a broken evaluation is possible): do not trust its "
-    "robust accuracy. Cost: nfe = diffusion-network calls per purification; wall_s = seconds of "
-    "attack + evaluation summed over batches (sanity checks excluded); peak_mem_mib = peak process "
-    "RSS on CPU, max allocated on CUDA.\n\n"
+    "robust accuracy. converged: 'yes' when the robust count of each attack's own check moved by at "
+    "most one image over its last 25% of iterations, 'no' otherwise (more iterations may lower robust "
+    "accuracy), 'n/a' for attacks that record no history. Cost: nfe = diffusion-network calls per "
+    "purification; wall_s = seconds of attack + evaluation summed over batches (sanity checks "
+    "excluded); peak_mem_mib = peak process RSS on CPU, max allocated on CUDA.\n\n"
 )
 
 

@@ -199,6 +199,45 @@ def cost_plot(rows: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
+def convergence_lines(rows: list[dict]) -> list[tuple[str, list[float], bool]]:
+    """One line per attack with a history, once per setup (its evaluation modes' rows share the
+    attack): the label, robust accuracy (%) of the attack's own check per model pass, and
+    whether it converged."""
+    lines, seen = [], set()
+    for row in rows:
+        if row.get("setup_hash") in seen or not row.get("convergence"):
+            continue
+        seen.add(row.get("setup_hash"))
+        for entry in row["convergence"]:
+            label = f"{row['defense']} [{row['gradient_mode']}]: {entry['attack']}" + ("" if entry["converged"] else " NOT converged")
+            lines.append((label, [100 * c / row["n_images"] for c in entry["robust_counts"]], entry["converged"]))
+    return lines
+
+
+def convergence_plot(rows: list[dict], path: Path) -> Path:
+    """Robust accuracy of each attack's own check vs model pass, one line per attack with a
+    history (dashed: not converged), for judging whether more iterations would have helped."""
+    fig, ax = plt.subplots(figsize=SIZE_IN)
+    fig.subplots_adjust(left=0.07, right=0.56, top=0.93, bottom=0.18)  # the legend right of the axes
+    lines = convergence_lines(rows)
+    for k, (label, values, done) in enumerate(lines):
+        ax.plot(range(len(values)), values, "-" if done else "--", color=plt.cm.tab10(k % 10), lw=1.4, label=label)
+    if lines:
+        ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    else:
+        ax.text(0.5, 0.5, "no row with an attack history in the store", ha="center", transform=ax.transAxes)
+    ax.set(xlabel="model pass (each restart's start point, then its iterations; restarts one after the other)",
+           ylabel="robust accuracy (%), the attack's own check", ylim=(0, 100),
+           title="Convergence: each attack's own robust check per iteration")
+    ax.grid(alpha=0.3)
+    used = [r for r in rows if r.get("convergence")]
+    fig.text(0.01, 0.01, "own check: more than half of the best iterate's EOT copies classified correctly (evidence, "
+             "not the result: rows report the runner's evaluation)\nconverged (solid): the robust count moved by at "
+             "most one image over the last 25% of passes; dashed: not converged\n"
+             + (setup_caption(used) if used else ""), fontsize=7)
+    return _save(fig, path)
+
+
 def image_grid_plot(panels: dict[str, list[dict]], path: Path) -> Path:
     """One block of rows per defense, one row per image; columns are that defense's stages
     (clean, adversarial, mask overlay, noised, purified), each titled with its predicted label."""

@@ -16,10 +16,12 @@ from typing import Any
 import pandas as pd
 import torch
 import yaml
+from torch import nn
 from tqdm.auto import tqdm
 
-from .attacks import attack_label, build_attacks, mask_temperature
+from .attacks import applicable, attack_label, build_attacks, is_suite, mask_temperature
 from .attacks.base import Attack
+from .attacks.convergence import combined_counts, converged, tail_change
 from .attacks.gradients import attack_model, check_mask_aware, parse_gradient_mode
 from .attacks.threat import check_threat, perturbation_size
 from .classifiers import classifier_entry, load_classifier
@@ -36,6 +38,8 @@ from .sanity import SanityConfig, run_sanity_checks, summarise
 from .statistics import accuracy_interval
 from .store import ResultStore, StoredExamples, setup_hash
 from .stored_examples import decode, encode
+from .stored_histories import encode as encode_history
+from .stored_histories import robust_counts
 
 
 def parse_eps(value: Any) -> float:
@@ -121,10 +125,22 @@ def validate(spec: RunSpec) -> None:
         raise UserError(f"eval seed must be an integer >= 0, got {spec.eval_seed!r}")
     parse_gradient_mode(spec.gradient)
     evaluation_modes(spec)
-    build_attacks(spec.attack, spec.threat, spec.eps, spec.seed)
+    row_attacks(spec, placeholder_defense(spec))
     if mask_temperature(spec.attack) is not None:
         check_mask_aware(spec.gradient, spec.defense, config)
     sanity_config(spec)
+
+
+def placeholder_defense(spec: RunSpec) -> Defense:
+    """The spec's defense around placeholder networks: its configuration and NFE without loading
+    any weights (checks and estimates before the real networks load)."""
+    return build_defense(spec.defense, nn.Identity(), nn.Identity(), spec.defense_overrides, spec.seed, spec.threat)
+
+
+def row_attacks(spec: RunSpec, defense: Defense) -> tuple[list[Attack], list[Attack]]:
+    """The row's attacks that can run against ``defense`` and the suite members skipped
+    (attacks.applicable)."""
+    return applicable(build_attacks(spec.attack, spec.threat, spec.eps, spec.seed), spec.attack, defense, spec.gradient)
 
 
 def evaluation_seed(spec: RunSpec) -> int:
@@ -170,8 +186,8 @@ def evaluate_modes(
     for start in tqdm(range(0, len(labels), spec.batch_size), desc=f"{spec.defense}: attack + evaluate",
                       unit="batch", disable=not progress):
         stop = start + spec.batch_size
-        batch, _, _ = evaluate_batch(defense, target, attacks, images[start:stop], labels[start:stop],
-                                     indices[start:stop], spec.seed, modes, progress, evaluation_seed(spec))
+        batch, _, _, _ = evaluate_batch(defense, target, attacks, images[start:stop], labels[start:stop],
+                                        indices[start:stop], spec.seed, modes, progress, evaluation_seed(spec))
         for mode in modes:
             records[mode].extend(batch[mode])
     return {mode: pd.DataFrame(rows) for mode, rows in records.items()}
@@ -189,7 +205,7 @@ def evaluate_batch(
     progress: bool = False,
     eval_seed: int | None = None,
     stored: list[bytes] | None = None,
-) -> tuple[dict[str, list[dict]], dict, list[bytes]]:
+) -> tuple[dict[str, list[dict]], dict, list[bytes], dict[int, bytes]]:
     """Attack one batch once (unless its ``stored`` examples are given), then judge the same
     adversarial examples under each evaluation mode.
 
@@ -203,31 +219,35 @@ def evaluate_batch(
     adversarial predictions equal the clean ones exactly). ``eval_seed`` (default ``seed``) seeds
     the evaluation streams. The modes share their purifications ("single" is the first pass of
     "worst:N"). Returns the records per mode, the cost (seconds attacking, "attack_s", 0 for
-    stored examples; "eval_s" per mode: the seconds of its own passes) and the examples in their
-    stored form (stored_examples.py), which are what was judged.
+    stored examples; "eval_s" per mode: the seconds of its own passes), the examples in their
+    stored form (stored_examples.py), which are what was judged, and the stored histories of the
+    attacks that record one (attack index -> stored_histories blob; none for stored examples).
     """
     started = time.perf_counter()
-    blobs = attack_batch(defense, target, attacks, x, y, indices, seed, progress) if stored is None else stored
+    blobs, histories = attack_batch(defense, target, attacks, x, y, indices, seed, progress) if stored is None else (stored, {})
     attack_s = time.perf_counter() - started
     records, eval_s = judge_batch(defense, attacks, x, y, indices, blobs, seed if eval_seed is None else eval_seed, modes)
-    return records, {"attack_s": attack_s, "eval_s": eval_s}, blobs
+    return records, {"attack_s": attack_s, "eval_s": eval_s}, blobs, histories
 
 
 def attack_batch(
     defense: Defense, target: torch.nn.Module, attacks: list[Attack], x: torch.Tensor, y: torch.Tensor,
     indices: torch.Tensor, seed: int, progress: bool = False,
-) -> list[bytes]:
-    """Each attack's adversarial examples of the [0,1] images ``x``, in their stored form."""
+) -> tuple[list[bytes], dict[int, bytes]]:
+    """Each attack's adversarial examples of the [0,1] images ``x``, in their stored form, and
+    the stored histories of those attacks that record one (by attack index)."""
     attack_seeds = image_seeds(seed, indices, "attack")
-    blobs = []
-    for attack in attacks:
+    blobs, histories = [], {}
+    for j, attack in enumerate(attacks):
         for module in {defense, target}:
             module.reseed(attack_seeds)
-        x_adv = attack.perturb(target, x, y, progress=progress)
+        x_adv, history = attack.perturb_with_history(target, x, y, progress=progress)
         if (perturbation_size(x_adv - x, attack.norm) > attack.eps * (1 + 1e-5) + 1e-7).any() or x_adv.min() < 0 or x_adv.max() > 1:
             raise RuntimeError(f"{attack.name} left the {attack.norm} eps-ball or the [0,1] box")  # a bug, never a result
         blobs.append(encode(x_adv, x))
-    return blobs
+        if history is not None:
+            histories[j] = encode_history(history)
+    return blobs, histories
 
 
 def judge_batch(
@@ -327,8 +347,11 @@ def load(spec: RunSpec, device: torch.device, cache: dict) -> Loaded:
     return Loaded(data, classifier, diffusion)
 
 
-def setup_record(spec: RunSpec, loaded: Loaded, defense: Defense, attacks: list[Attack], device: torch.device) -> dict:
-    """Every setting that can change a result: the store's key (its sha256) and the row's labels."""
+def setup_record(
+    spec: RunSpec, loaded: Loaded, defense: Defense, attacks: list[Attack], device: torch.device, skipped: list[Attack] = (),
+) -> dict:
+    """Every setting that can change a result: the store's key (its sha256) and the row's labels
+    (``skipped``: the suite members that do not apply to the defense, named in the attack label)."""
     return {
         "results_version": RESULTS_VERSION,
         "defense": spec.defense,
@@ -339,7 +362,7 @@ def setup_record(spec: RunSpec, loaded: Loaded, defense: Defense, attacks: list[
         "image_indices_sha256": hashlib.sha256(loaded.data.index.numpy().tobytes()).hexdigest(),
         "threat": spec.threat,
         "eps": f"{spec.eps:.6g}",
-        "attack": attack_label(attacks, mask_temperature(spec.attack)),
+        "attack": attack_label(attacks, mask_temperature(spec.attack), is_suite(spec.attack), skipped),
         "attack_settings": spec.attack,
         "gradient_mode": spec.gradient,
         "evaluation_modes": evaluation_modes(spec),
@@ -390,8 +413,8 @@ def run(
     loaded = load(spec, device, {} if cache is None else cache)
     defense = build_defense(spec.defense, loaded.classifier, loaded.diffusion, spec.defense_overrides, spec.seed, spec.threat)
     target = attack_model(defense, spec.gradient, mask_temperature(spec.attack))
-    attacks = build_attacks(spec.attack, spec.threat, spec.eps, spec.seed)
-    setup = setup_record(spec, loaded, defense, attacks, device)
+    attacks, skipped = row_attacks(spec, defense)
+    setup = setup_record(spec, loaded, defense, attacks, device, skipped)
     key, examples_key = setup_hash(setup), attack_key(setup)
 
     shard = shard if ranks.distributed else store
@@ -409,7 +432,7 @@ def run(
                       disable=not progress):
         stop, reused = start + spec.batch_size, reusable.get(start)
         with PeakMemory(device) as peak:
-            records, cost, blobs = evaluate_batch(
+            records, cost, blobs, histories = evaluate_batch(
                 defense, target, attacks, images[start:stop].to(device), labels[start:stop].to(device),
                 indices[start:stop], spec.seed, setup["evaluation_modes"], progress, evaluation_seed(spec),
                 None if reused is None else reused.blobs,
@@ -417,7 +440,7 @@ def run(
         if reused is not None:
             cost.update(attack_s=reused.attack_s, attack_reused_from=reused.source)
         cost.update(peak_mib=peak.mib, device=device_name(device), rank=ranks.rank)
-        shard.commit_batch(key, start, records, cost, examples_key, blobs if reused is None else [])
+        shard.commit_batch(key, start, records, cost, examples_key, blobs if reused is None else [], histories)
     if ranks.distributed:
         _merge_shards(key, store, shard, ranks)
         barrier(ranks)  # rank 0 has committed every batch: the shards' copies can go
@@ -480,14 +503,20 @@ def finish_rows(key, setup, store, loaded, defense, target, attacks, spec, devic
         store.save_sanity(key, *stored)
     checks, sanity_wall = stored
     costs = store.batch_costs(key)
-    rows = {mode: make_row(setup, mode, frames[mode], costs, checks[mode], sanity_wall, defense.nfe, attacks) for mode in modes}
+    # The histories of the attack that made the examples (this setup's, or the one whose stored
+    # examples it judged), batch by batch.
+    stored_histories = store.histories(attack_key(setup))
+    histories = [stored_histories.get(start, {}) for start in sorted(store.done_batches(key))]
+    rows = {mode: make_row(setup, mode, frames[mode], costs, checks[mode], sanity_wall, defense.nfe, attacks, histories)
+            for mode in modes}
     store.save_rows(key, rows)
     return [{**row, "setup_hash": key} for row in rows.values()]
 
 
 def make_row(setup: dict, mode: str, per_image: pd.DataFrame, costs: list[dict], checks: list[dict],
-             sanity_wall: float, nfe: int, attacks: list[Attack]) -> dict:
-    """One leaderboard row: the setup's labels, the accuracies and what the row cost."""
+             sanity_wall: float, nfe: int, attacks: list[Attack], histories: list[dict[int, bytes]] = ()) -> dict:
+    """One leaderboard row: the setup's labels, the accuracies, the attacks' convergence
+    evidence (from ``histories``: per batch, attack index -> stored history) and what the row cost."""
     # What this row would cost alone: the (shared) attack plus its own evaluation, summed over
     # batches (device-seconds: in a sharded run, the sum over the ranks).
     wall = sum(c["attack_s"] + c["eval_s"][mode] for c in costs)
@@ -507,7 +536,34 @@ def make_row(setup: dict, mode: str, per_image: pd.DataFrame, costs: list[dict],
         "sanity": summarise(checks) if checks else "not run",
         "sanity_checks": checks,
         "sanity_wall_s": round(sanity_wall, 1),
+        **convergence_fields(histories, attacks, len(per_image)),
     }
+
+
+def convergence_fields(histories: list[dict[int, bytes]], attacks: list[Attack], n_images: int) -> dict:
+    """``convergence``: per attack with a history in every batch, its name, its robust counts per
+    record summed over the batches (the attack's own noisy check; robust accuracy = count /
+    n_images) and whether they converged (attacks/convergence.converged); ``converged``: "yes"
+    when every such attack did, "no" when one did not, "n/a" when none has a history (attacks
+    that record none, rows stored before histories were)."""
+    entries = []
+    for j, attack in enumerate(attacks):
+        blobs = [batch.get(j) for batch in histories]
+        if not blobs or None in blobs:
+            continue
+        counts = combined_counts([robust_counts(blob) for blob in blobs])
+        entries.append({"attack": attack.name, "robust_counts": counts, "converged": converged(counts, n_images)})
+    verdict = "n/a" if not entries else "yes" if all(e["converged"] for e in entries) else "no"
+    return {"converged": verdict, "convergence": entries}
+
+
+def convergence_warning(row: dict) -> str | None:
+    """What `run` warns about a row that did not converge (None when it did or cannot say)."""
+    if row.get("converged") != "no":
+        return None
+    late = [f"{e['attack']}'s robust count moved by {tail_change(e['robust_counts'])} images over the last 25% of "
+            f"its {len(e['robust_counts'])} passes" for e in row["convergence"] if not e["converged"]]
+    return f"not converged ({'; '.join(late)}; at most 1 expected): more iterations may lower robust accuracy"
 
 
 def accuracy_fields(per_image: pd.DataFrame) -> dict:

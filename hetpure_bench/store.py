@@ -2,12 +2,13 @@
 
 A setup (every setting that can change a result) is identified by the sha256 of its canonical
 JSON. Each finished batch of images is committed in one transaction (its per-image records for
-every evaluation mode, its cost and its adversarial examples) before the next batch starts, so a
-run killed at any moment loses at most the batch in flight, and rerunning the same command
-computes only what is missing. The adversarial examples (stored_examples.py) are kept under the
-setup's attack key (its setup without the evaluation settings, runner.attack_key), so that
-another evaluation of the same attack judges them instead of attacking again. Leaderboards and
-reports are generated from the store, never kept by hand.
+every evaluation mode, its cost, its adversarial examples and its attacks' histories) before the
+next batch starts, so a run killed at any moment loses at most the batch in flight, and rerunning
+the same command computes only what is missing. The adversarial examples (stored_examples.py)
+and the attacks' convergence histories (stored_histories.py) are kept under the setup's attack
+key (its setup without the evaluation settings, runner.attack_key), so that another evaluation
+of the same attack judges them instead of attacking again, and its rows show the history of the
+attack that made them. Leaderboards and reports are generated from the store, never kept by hand.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sqlite3
 import time
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import pandas as pd
 
@@ -43,10 +44,14 @@ CREATE TABLE IF NOT EXISTS examples (
     attack_key TEXT NOT NULL, batch_start INTEGER NOT NULL, attack_index INTEGER NOT NULL,
     setup_hash TEXT NOT NULL, blob BLOB NOT NULL,
     PRIMARY KEY (attack_key, batch_start, attack_index));
+CREATE TABLE IF NOT EXISTS histories (
+    attack_key TEXT NOT NULL, batch_start INTEGER NOT NULL, attack_index INTEGER NOT NULL,
+    setup_hash TEXT NOT NULL, blob BLOB NOT NULL,
+    PRIMARY KEY (attack_key, batch_start, attack_index));
 """
 
 
-TABLES = ("setups", "batches", "samples", "sanity", "rows", "examples")
+TABLES = ("setups", "batches", "samples", "sanity", "rows", "examples", "histories")
 
 
 @dataclass(frozen=True)
@@ -114,13 +119,15 @@ class ResultStore:
 
     def commit_batch(
         self, key: str, start: int, records: dict[str, list[dict]], cost: dict,
-        attack_key: str | None = None, examples: Sequence[bytes] = (),
+        attack_key: str | None = None, examples: Sequence[bytes] = (), histories: Mapping[int, bytes] | None = None,
     ) -> None:
         """One batch, atomically: its per-image records per evaluation mode, its cost and, when it
         was attacked (not judged from stored examples), its adversarial examples (one blob per
-        attack) under ``attack_key``. Examples already stored under that key are kept."""
-        if examples and attack_key is None:
-            raise ValueError("adversarial examples need their attack key")
+        attack) and the histories of the attacks that record one (attack index -> blob) under
+        ``attack_key``. Examples and histories already stored under that key are kept."""
+        histories = histories or {}
+        if (examples or histories) and attack_key is None:
+            raise ValueError("adversarial examples and histories need their attack key")
         n = len(next(iter(records.values())))
         statements = [("INSERT OR REPLACE INTO batches VALUES (?, ?, ?, ?)", (key, start, n, json.dumps(cost)))]
         statements += [
@@ -130,6 +137,10 @@ class ResultStore:
         statements += [
             ("INSERT OR IGNORE INTO examples VALUES (?, ?, ?, ?, ?)", (attack_key, start, j, key, blob))
             for j, blob in enumerate(examples)
+        ]
+        statements += [
+            ("INSERT OR IGNORE INTO histories VALUES (?, ?, ?, ?, ?)", (attack_key, start, j, key, blob))
+            for j, blob in sorted(histories.items())
         ]
         self._transaction(statements)
 
@@ -162,9 +173,10 @@ class ResultStore:
         rows = self.db.execute("SELECT cost FROM batches WHERE setup_hash = ? ORDER BY batch_start", (key,))
         return [json.loads(cost) for (cost,) in rows]
 
-    def batches(self, key: str) -> list[tuple[int, dict[str, list[dict]], dict, str | None, list[bytes]]]:
+    def batches(self, key: str) -> list[tuple[int, dict[str, list[dict]], dict, str | None, list[bytes], dict[int, bytes]]]:
         """Every committed batch of a setup as the arguments of commit_batch after the key (start,
-        records per mode, cost, attack key, the examples this setup stored): what a shard sends."""
+        records per mode, cost, attack key, the examples and histories this setup stored): what
+        a shard sends."""
         records: dict[int, dict[str, list[dict]]] = {}
         for start, mode, record in self.db.execute(
             "SELECT batch_start, mode, record FROM samples WHERE setup_hash = ? ORDER BY batch_start, image_index",
@@ -177,8 +189,13 @@ class ResultStore:
             (key,),
         ):
             examples.setdefault(start, (attack_key, []))[1].append(bytes(blob))
+        histories: dict[int, dict[int, bytes]] = {}
+        for start, j, blob in self.db.execute(  # stored with the batch's examples, under the same key
+            "SELECT batch_start, attack_index, blob FROM histories WHERE setup_hash = ?", (key,),
+        ):
+            histories.setdefault(start, {})[j] = bytes(blob)
         costs = self.db.execute("SELECT batch_start, cost FROM batches WHERE setup_hash = ? ORDER BY batch_start", (key,))
-        return [(start, records.get(start, {}), json.loads(cost), *examples.get(start, (None, [])))
+        return [(start, records.get(start, {}), json.loads(cost), *examples.get(start, (None, [])), histories.get(start, {}))
                 for start, cost in costs]
 
     def stored_examples(self, attack_key: str) -> dict[int, StoredExamples]:
@@ -194,6 +211,15 @@ class ResultStore:
             if start not in found:
                 found[start] = StoredExamples(source, json.loads(cost)["attack_s"], [])
             found[start].blobs.append(bytes(blob))
+        return found
+
+    def histories(self, attack_key: str) -> dict[int, dict[int, bytes]]:
+        """The attack histories stored under an attack key: per batch start, attack index -> blob."""
+        found: dict[int, dict[int, bytes]] = {}
+        for start, j, blob in self.db.execute(
+            "SELECT batch_start, attack_index, blob FROM histories WHERE attack_key = ?", (attack_key,),
+        ):
+            found.setdefault(start, {})[j] = bytes(blob)
         return found
 
     def per_image(self, key: str, mode: str) -> pd.DataFrame:

@@ -79,7 +79,7 @@ def _judge(modes, clean, adversarial, y):
     defense = Scripted(script)
     x = torch.zeros(len(y), 1, 2, 2)
     attacks = [PGDEOT(eps=0.0, steps=0, eot=1) for _ in adversarial]
-    records, _, _ = evaluate_batch(defense, defense, attacks, x, torch.tensor(y), torch.arange(len(y)), 0, modes)
+    records, _, _, _ = evaluate_batch(defense, defense, attacks, x, torch.tensor(y), torch.arange(len(y)), 0, modes)
     assert defense.calls == len(script)  # every mode judged from the same passes
     return {mode: pd.DataFrame(rows) for mode, rows in records.items()}
 

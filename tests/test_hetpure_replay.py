@@ -146,13 +146,18 @@ def test_hetpure_earlier_rules_replay_too(recorded_draws, stage_rule, final):
 def blend_times(monkeypatch):
     """The times of hetpure's q(x_t | x_in) draws: the forward to t_l, then one per blend."""
     times = []
-    original = hetpure_module.q_sample
+    original, original_with_noise = hetpure_module.q_sample, hetpure_module.q_sample_with_noise
 
     def recording(schedule, x0, t, generator=None, noise=None):
         times.append(int(t))
         return original(schedule, x0, t, generator, noise)
 
+    def recording_with_noise(schedule, x0, t, generator=None):  # the forward (it keeps its noise)
+        times.append(int(t))
+        return original_with_noise(schedule, x0, t, generator)
+
     monkeypatch.setattr(hetpure_module, "q_sample", recording)
+    monkeypatch.setattr(hetpure_module, "q_sample_with_noise", recording_with_noise)
     return times
 
 

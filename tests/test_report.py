@@ -103,7 +103,7 @@ def test_a_report_regenerated_from_the_same_rows_is_identical(tmp_path):
     first = write_report(_rows(), "r", tmp_path / "one", "store.sqlite", PUBLISHED)
     second = write_report(_rows(), "r", tmp_path / "two", "store.sqlite", PUBLISHED)
     files = sorted(p.name for p in first.parent.iterdir())
-    assert files == ["cost.png", "report.md", "robust_vs_clean.png", "strength.png"]
+    assert files == ["convergence.png", "cost.png", "report.md", "robust_vs_clean.png", "strength.png"]
     for name in files:
         assert (first.parent / name).read_bytes() == (second.parent / name).read_bytes(), name
     text = first.read_text()

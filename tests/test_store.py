@@ -59,8 +59,8 @@ def test_adversarial_examples_are_committed_with_their_batch_and_found_by_attack
         assert sorted(found) == [0, 2] and store.stored_examples("attack-2") == {}
         assert found[0] == StoredExamples("a", 3.0, [b"pgd", b"apgd"])
         assert found[2] == StoredExamples("a", 4.0, [b"pgd2", b"apgd2"])
-        assert [batch[3:] for batch in store.batches("a")] == [("attack-1", [b"pgd", b"apgd"]), ("attack-1", [b"pgd2", b"apgd2"])]
-        assert [batch[3:] for batch in store.batches("b")] == [(None, [])]
+        assert [batch[3:] for batch in store.batches("a")] == [("attack-1", [b"pgd", b"apgd"], {}), ("attack-1", [b"pgd2", b"apgd2"], {})]
+        assert [batch[3:] for batch in store.batches("b")] == [(None, [], {})]
         store.forget("a")
         assert store.stored_examples("attack-1") == {}
 

@@ -101,14 +101,20 @@ class APGDEOT(Attack):
         rho = f", rho {self.rho:g}" if self.rho != 0.75 else ""
         return f"APGD-EOT({self.norm}, {self.loss}, {self.steps} iter, EOT {self.eot}, {restarts}{rho})"
 
+    def copy_loss(self, model: nn.Module, copies: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss per row of the batched EOT copies ([0,1] images) and their logits (the
+        attack's own check). The hook an attack on another objective overrides (DiffAttack)."""
+        logits = model(copies)
+        return loss_function(self.loss)(logits, labels), logits
+
     def eot_pass(self, model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor):
         """One batched pass of the EOT copies of the [0,1] iterates: per image the loss averaged
         over the copies, its gradient, and the attack's own check (more than half the copies
         classified correctly)."""
         x_adv = x_adv.detach().requires_grad_(True)
-        logits = model(x_adv.repeat(self.eot, 1, 1, 1))
         labels = y.repeat(self.eot)
-        loss = loss_function(self.loss)(logits, labels).view(self.eot, -1).mean(0)
+        loss, logits = self.copy_loss(model, x_adv.repeat(self.eot, 1, 1, 1), labels)
+        loss = loss.view(self.eot, -1).mean(0)
         grad, = torch.autograd.grad(loss.sum(), x_adv)
         correct = (logits.detach().argmax(1) == labels).view(self.eot, -1).float().mean(0) > 0.5
         return loss.detach(), grad.detach(), correct
@@ -128,27 +134,37 @@ class APGDEOT(Attack):
 
     def perturb_with_history(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, progress: bool = False,
+        start: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, AttackHistory]:
         """The adversarial examples and what the attack saw: one record per model pass (each
-        restart's start point, then each iteration), restarts one after the other."""
+        restart's start point, then each iteration), restarts one after the other. ``start``
+        (optional, [0,1] images in the ball): where the first restart starts instead of a random
+        point (a later round of a multi-round attack continues from the earlier one's result)."""
         x = x.detach()
         generator = torch.Generator(x.device).manual_seed(self.seed)
         # The best iterate over all restarts: (x_adv, loss, robust) per image.
         best = (x, torch.full(y.shape, float("-inf"), device=x.device), torch.ones_like(y, dtype=torch.bool))
         records = []
         with tqdm(total=self.restarts * (self.steps + 1), desc="APGD-EOT", leave=False, disable=not progress) as bar:
-            for _ in range(self.restarts):
-                for x_adv, loss, robust, step_size in self.iterates(model, x, y, generator):
+            for restart in range(self.restarts):
+                given = start if restart == 0 else None
+                for x_adv, loss, robust, step_size in self.iterates(model, x, y, generator, given):
                     best = _keep_better(loss > best[1], (x_adv, loss, robust), best)
                     records.append((best[2], best[1], step_size))
                     bar.update()
         robust, best_loss, step_size = (torch.stack(column) for column in zip(*records))
         return best[0].detach(), AttackHistory(robust=robust, best_loss=best_loss, step_size=step_size)
 
-    def iterates(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator):
-        """One restart: per model pass, the evaluated iterate, its loss and own check (B,), and
-        the step size in force after the pass's checkpoint decision."""
-        x_adv = project(x + uniform_in_ball(x, self.norm, self.eps, generator), x, self.norm, self.eps)
+    def iterates(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator,
+        start: torch.Tensor | None = None,
+    ):
+        """One restart from ``start`` (default: a random point of the ball): per model pass, the
+        evaluated iterate, its loss and own check (B,), and the step size in force after the
+        pass's checkpoint decision."""
+        if start is None:
+            start = x + uniform_in_ball(x, self.norm, self.eps, generator)
+        x_adv = project(start.detach(), x, self.norm, self.eps)
         loss, grad, robust = self.eot_pass(model, x_adv, y)
         step_size = torch.full_like(loss, INITIAL_STEP * self.eps)
         run = (x_adv, loss, grad)  # this restart's best iterate, to restart from

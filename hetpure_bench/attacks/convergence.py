@@ -28,13 +28,30 @@ class AttackHistory:
         return self.robust.sum(1).tolist()
 
 
-def converged(history_counts: Sequence[int], n_images: int) -> bool:
-    """True when the robust count moved by at most one image over the last 25% of the records
-    (the count at the start of that window included): more iterations would hardly help."""
+def tail_change(history_counts: Sequence[int]) -> int:
+    """How far the robust count moved over the last 25% of the records (the count at the start
+    of that window included): max - min there."""
     counts = list(history_counts)
     if not counts:
         raise ValueError("an empty history says nothing about convergence")
+    tail = counts[3 * (len(counts) - 1) // 4:]
+    return max(tail) - min(tail)
+
+
+def converged(history_counts: Sequence[int], n_images: int) -> bool:
+    """True when the robust count moved by at most one image over the last 25% of the records
+    (tail_change): more iterations would hardly help."""
+    counts = list(history_counts)
     if any(not 0 <= c <= n_images for c in counts):
         raise ValueError(f"robust counts must lie in [0, {n_images}], got {counts}")
-    tail = counts[3 * (len(counts) - 1) // 4:]
-    return max(tail) - min(tail) <= 1
+    return tail_change(counts) <= 1
+
+
+def combined_counts(per_batch: Sequence[Sequence[int]]) -> list[int]:
+    """The robust counts of a whole row from its batches' (one list per batch, record by
+    record): their sum per record. A batch whose attack made fewer records contributes its
+    last count to the later ones (its best iterates stay what they were when it stopped)."""
+    if not per_batch or any(not counts for counts in per_batch):
+        raise ValueError("every batch needs at least one record")
+    length = max(len(counts) for counts in per_batch)
+    return [sum(counts[min(r, len(counts) - 1)] for counts in per_batch) for r in range(length)]

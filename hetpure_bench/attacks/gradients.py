@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..defenses.base import Defense
+from ..defenses.base import Defense, exposes_deviation_states
 from ..errors import UserError
 
 
@@ -50,6 +50,15 @@ def check_mask_aware(mode: str, defense_name: str, config: Any) -> None:
         raise UserError("the mask-aware attack needs gradients through the purifier: use gradient 'full' or 'surrogate:K'")
     if getattr(config, "mask_mode", None) != "attention":
         raise UserError(f"defense {defense_name!r} has no attention mask for the mask-aware attack")
+
+
+def check_deviation_states(mode: str, defense: Defense | type[Defense]) -> None:
+    """DiffAttack needs gradients through the purifier and its reverse-process states."""
+    if parse_gradient_mode(mode)[0] == "bpda":
+        raise UserError("diffattack needs gradients through the purifier: use gradient 'full' or 'surrogate:K'")
+    if not exposes_deviation_states(defense):
+        name = (defense if isinstance(defense, type) else type(defense)).name
+        raise UserError(f"defense {name!r} exposes no reverse-process states: diffattack needs them")
 
 
 def attack_model(defense: Defense, mode: str, mask_temperature: float | None = None) -> nn.Module:

@@ -10,18 +10,21 @@ A defense is an ``nn.Module`` around a classifier and (usually) a diffusion mode
   one stream per image when the runner seeds it per image), never from the global RNG, because
   attacks such as AutoAttack reseed it;
 - ``surrogate(k)`` returns a cheaper version with about k network calls, for "surrogate:k"
-  gradients (the attack then differentiates that, and the result is labelled as such).
+  gradients (the attack then differentiates that, and the result is labelled as such);
+- ``deviation_states(x01)`` (optional; DiffAttack's hook): the purified images together with the
+  reverse-process states of the same pass and the forward noise (``DeviationStates``); a defense
+  without such states keeps the default, a one-line refusal.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from torch import nn
 
-from ..diffusion.schedule import VPSchedule
+from ..diffusion.schedule import VPSchedule, diffuse
 from ..errors import UserError
 from ..noise import Generators, NoiseStreams
 
@@ -63,6 +66,13 @@ class Defense(nn.Module):
     def surrogate(self, network_calls: int) -> "Defense":
         raise UserError(f"defense {self.name!r} has no surrogate version")
 
+    def deviation_states(self, x01: torch.Tensor) -> "DeviationStates":
+        """The purified [0,1] images of ``x01`` and, from the same purification pass (no second
+        one), the reverse-process states and the forward noise DiffAttack's deviated-reconstruction
+        loss compares (see ``DeviationStates``). Only for defenses whose prediction is
+        ``classifier(purify(x01))``; the default refuses in one line."""
+        raise UserError(f"defense {self.name!r} exposes no reverse-process states: diffattack needs them")
+
     def replace(self, **changes: Any) -> "Defense":
         """The same defense (same networks and seed) with some configuration fields changed."""
         return type(self)(self.classifier, self.diffusion, dataclasses.replace(self.config, **changes), self.seed)
@@ -79,6 +89,56 @@ class Defense(nn.Module):
     def describe(self) -> str:
         """The full configuration as ``key=value`` pairs (nested ones dotted), for result labels."""
         return " ".join(f"{k}={v}" for k, v in _flatten(dataclasses.asdict(self.config)).items())
+
+
+def exposes_deviation_states(defense: Defense | type[Defense]) -> bool:
+    """Whether a defense (or defense class) implements ``deviation_states``."""
+    cls = defense if isinstance(defense, type) else type(defense)
+    return cls.deviation_states is not Defense.deviation_states
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviationStates:
+    """One purification pass as DiffAttack's deviated-reconstruction loss sees it.
+
+    ``purified``: the [0,1] images, bit for bit what ``purify`` returns under the same noise.
+    ``reverse``: the sampler loop's states x'_t in [-1,1] at every point it visits, in order: the
+    start first (the forward-diffused input itself), the last state (at t = 0 or the clean
+    image) last; ``times`` their t and ``alpha_bars`` (float64, one per state) their noise
+    levels. ``diffused(i)`` is the forward-diffused input at state i's level,
+    x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, with ``x0`` the input in [-1,1] and ``noise``
+    eps, the very noise of the forward noising to the start (so that at the start x_t = x'_t).
+    Everything stays on the autograd graph; the attack detaches the targets x_t.
+    """
+
+    purified: torch.Tensor
+    x0: torch.Tensor
+    noise: torch.Tensor
+    times: tuple[float, ...]
+    alpha_bars: torch.Tensor
+    reverse: tuple[torch.Tensor, ...]
+
+    def diffused(self, i: int) -> torch.Tensor:
+        return diffuse(self.x0, self.alpha_bars[i], self.noise)
+
+
+class StateLog:
+    """Collects a sampler loop's states (``sample_loop``'s ``on_state``) into ``DeviationStates``."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self.states: list[torch.Tensor] = []
+
+    def __call__(self, t: float, x: torch.Tensor) -> None:
+        self.times.append(t)
+        self.states.append(x)
+
+    def deviation_states(
+        self, purified: torch.Tensor, x01: torch.Tensor, noise: torch.Tensor, alpha_bar: Callable[[float], Any],
+    ) -> DeviationStates:
+        """The collected states with their noise levels ``alpha_bar(t)`` (a float or a 0-dim tensor)."""
+        levels = torch.tensor([float(alpha_bar(t)) for t in self.times], dtype=torch.float64)
+        return DeviationStates(purified, x01 * 2 - 1, noise, tuple(self.times), levels, tuple(self.states))
 
 
 def _flatten(settings: dict, prefix: str = "") -> dict:

@@ -7,12 +7,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..diffusion.sampling import NetworkCaller, ddim_transition, sample_loop
-from ..diffusion.schedule import CLEAN, ddpm_step, q_sample, timestep_grid
+from ..diffusion.sampling import NetworkCaller, OnState, ddim_transition, sample_loop
+from ..diffusion.schedule import CLEAN, ddpm_step, q_sample_with_noise, timestep_grid
 from ..diffusion.vp_sde import VPSDE, solver_times
 from ..errors import UserError
 from ..noise import Generators, randn_like
-from .base import Defense
+from .base import Defense, DeviationStates, StateLog
 
 SAMPLERS = ("ddpm", "ddim", "sde")
 SDE_FORWARDS = ("discrete", "continuous")
@@ -86,43 +86,58 @@ class DiffPure(Defense):
         return self.replace(sampler="ddim", ddim_stride=math.ceil(self.config.t_start / network_calls))
 
     def purify(self, x01: torch.Tensor) -> torch.Tensor:
+        return self._purify(x01)[0]
+
+    def deviation_states(self, x01: torch.Tensor) -> DeviationStates:
+        """The states of the one reverse loop: ddpm at t_start, t_start - 1, ..., 0 and the clean
+        image; ddim at its strided grid; sde at the solver's times, with the VP-SDE's continuous
+        alpha_bar (with ``sde_forward`` "discrete" the start was diffused with the discrete
+        alpha_bar, so there x_t and x'_t differ by that small difference)."""
+        log = StateLog()
+        purified, noise = self._purify(x01, log)
+        alpha_bar = VPSDE().alpha_bar if self.config.sampler == "sde" else self.schedule.alpha_bar
+        return log.deviation_states(purified, x01, noise, alpha_bar)
+
+    def _purify(self, x01: torch.Tensor, on_state: OnState | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The purified [0,1] images and the forward noise; ``on_state`` sees the loop's states."""
         g = self.generator(x01)
-        x = self._diffuse(x01 * 2 - 1, g)
+        x, noise = self._diffuse(x01 * 2 - 1, g)
         eps_fn = NetworkCaller(self.diffusion)
         c = self.config
         if c.sampler == "sde":
-            x = self._reverse_sde(x, eps_fn, g)
+            x = self._reverse_sde(x, eps_fn, g, on_state)
         elif c.sampler == "ddim":
-            x = sample_loop(x, timestep_grid(c.t_start, c.ddim_stride), ddim_transition(self.schedule, eps_fn))
+            x = sample_loop(x, timestep_grid(c.t_start, c.ddim_stride), ddim_transition(self.schedule, eps_fn), on_state)
         else:
             grid = list(range(c.t_start, -1, -1)) + [CLEAN]
-            x = sample_loop(x, grid, lambda x, t, s: ddpm_step(self.schedule, x, t, eps_fn(x, t), g))
+            x = sample_loop(x, grid, lambda x, t, s: ddpm_step(self.schedule, x, t, eps_fn(x, t), g), on_state)
         x01 = (x + 1) / 2
-        return x01.clamp(0, 1) if c.clamp else x01
+        return (x01.clamp(0, 1) if c.clamp else x01), noise
 
     def stages(self, x01: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         """Purified, and the input diffused to t_start (shown in [0,1])."""
         purified = self.purify(x01)
-        noised = self._diffuse(x01 * 2 - 1, self.generator(x01))
+        noised, _ = self._diffuse(x01 * 2 - 1, self.generator(x01))
         return [("purified", purified), (f"noised t={self.config.t_start}", ((noised + 1) / 2).clamp(0, 1))]
 
-    def _diffuse(self, x0: torch.Tensor, g: Generators) -> torch.Tensor:
-        """x0 in [-1, 1] diffused to where the reverse process starts."""
+    def _diffuse(self, x0: torch.Tensor, g: Generators) -> tuple[torch.Tensor, torch.Tensor]:
+        """x0 in [-1, 1] diffused to where the reverse process starts, and the noise it took."""
         c = self.config
         if c.sampler != "sde":
-            return q_sample(self.schedule, x0, c.t_start, g)
+            return q_sample_with_noise(self.schedule, x0, c.t_start, g)
         if c.sde_forward == "discrete":
             # DiffPure's index t_start - 1: alpha_bar(i) includes step i, i.e. time (i + 1) / 1000.
             abar = self.schedule.alpha_bar(c.t_start - 1).item()
         else:
             abar = VPSDE().alpha_bar(c.t_star)
-        return math.sqrt(abar) * x0 + math.sqrt(1 - abar) * randn_like(x0, g)
+        noise = randn_like(x0, g)
+        return math.sqrt(abar) * x0 + math.sqrt(1 - abar) * noise, noise
 
     def _sde_times(self) -> list[float]:
         c = self.config
         return solver_times(c.t_star, c.sde_t_end, c.sde_dt)
 
-    def _reverse_sde(self, x: torch.Tensor, eps_fn, g: Generators) -> torch.Tensor:
+    def _reverse_sde(self, x: torch.Tensor, eps_fn, g: Generators, on_state: OnState | None = None) -> torch.Tensor:
         sde = VPSDE()
         label = sde.continuous_label if self.config.sde_time_label == "continuous" else sde.network_index
 
@@ -130,4 +145,4 @@ class DiffPure(Defense):
             eps = eps_fn(x, label(t))
             return sde.reverse_em_step(x, t, t - s, eps, randn_like(x, g))
 
-        return sample_loop(x, self._sde_times(), step)
+        return sample_loop(x, self._sde_times(), step, on_state)

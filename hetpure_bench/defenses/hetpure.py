@@ -23,11 +23,13 @@ import torch
 
 from ..attention_mask import MaskConfig, attention_mask
 from ..diffusion.resampling import denoising_steps, jump_schedule
-from ..diffusion.sampling import NetworkCaller, sample_loop
-from ..diffusion.schedule import CLEAN, ddim_step, ddpm_posterior_step, q_forward, q_sample, timestep_grid
+from ..diffusion.sampling import NetworkCaller, OnState, sample_loop
+from ..diffusion.schedule import (
+    CLEAN, ddim_step, ddpm_posterior_step, q_forward, q_sample, q_sample_with_noise, timestep_grid,
+)
 from ..errors import UserError
 from ..noise import rand_like
-from .base import Defense
+from .base import Defense, DeviationStates, StateLog
 
 
 RESAMPLING = ("single", "multi", "none")
@@ -156,6 +158,18 @@ class HeterogeneousPurifier(Defense):
     def purify(self, x01: torch.Tensor) -> torch.Tensor:
         return self.purify_with_mask(x01, self.mask(x01))
 
+    def deviation_states(self, x01: torch.Tensor) -> DeviationStates:
+        """The loop's states at every grid point it visits ("the same steps" on hetpure's grid):
+        t_l first (the input diffused to t_l), then each point a step lands on, before the next
+        step blends it with the re-noised input; a point visited again after a multi-step
+        resampling jump once per visit (the re-noised state after the jump too); the last point
+        (t = 0 or the clean image) last. The intermediate state of single-step resampling
+        (at t + U) is inside a step, not a loop state. The targets x_t use the noise of the
+        noising to t_l at every t (stage 1's re-noised input draws fresh noise; they do not)."""
+        log = StateLog()
+        purified, noise = self._purify_with_mask(x01, self.mask(x01), log)
+        return log.deviation_states(purified, x01, noise, self.schedule.alpha_bar)
+
     def stages(self, x01: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         """Purified, the mask, and the heterogeneously noised input: q(x, t_l) where the mask is 1,
         q(x, t_s) elsewhere (shown in [0,1])."""
@@ -198,6 +212,13 @@ class HeterogeneousPurifier(Defense):
 
     def purify_with_mask(self, x01: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Purify [0,1] images given a mask (B, 1, H, W) or broadcastable; returns [0,1] images."""
+        return self._purify_with_mask(x01, mask)[0]
+
+    def _purify_with_mask(
+        self, x01: torch.Tensor, mask: torch.Tensor, on_state: OnState | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The purified [0,1] images and the noise of the noising to t_l; ``on_state`` sees the
+        loop's states."""
         c, schedule, g = self.config, self.schedule, self.generator(x01)
         x0 = x01 * 2 - 1
         eps_fn = NetworkCaller(self.diffusion)
@@ -220,5 +241,6 @@ class HeterogeneousPurifier(Defense):
 
         grid = self._grid()
         visited = [grid[position] for position in self._schedule()[0]]
-        x = sample_loop(q_sample(schedule, x0, c.t_l, g), visited, step)
-        return ((x + 1) / 2).clamp(0, 1)
+        start, noise = q_sample_with_noise(schedule, x0, c.t_l, g)
+        x = sample_loop(start, visited, step, on_state)
+        return ((x + 1) / 2).clamp(0, 1), noise

@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from .schedule import VPSchedule, ddim_step
 
 Step = Callable[[torch.Tensor, float, float], torch.Tensor]  # (x, t, s): integer steps or SDE times
+OnState = Callable[[float, torch.Tensor], None]  # (t, x_t): the loop's state at a grid point
 
 _CHECKPOINTING: ContextVar[bool] = ContextVar("activation_checkpointing", default=True)
 
@@ -56,10 +57,16 @@ class NetworkCaller:
         return self.model(x, t)
 
 
-def sample_loop(x: torch.Tensor, grid: list[float], step: Step) -> torch.Tensor:
-    """Apply ``step(x, t, s)`` for each consecutive pair (t, s) of ``grid``."""
+def sample_loop(x: torch.Tensor, grid: list[float], step: Step, on_state: OnState | None = None) -> torch.Tensor:
+    """Apply ``step(x, t, s)`` for each consecutive pair (t, s) of ``grid``. ``on_state(t, x)``,
+    when given, sees the loop's state at every grid point, the start ``grid[0]`` included (a
+    defense's ``deviation_states`` collects them so)."""
+    if on_state is not None:
+        on_state(grid[0], x)
     for t, s in zip(grid[:-1], grid[1:]):
         x = step(x, t, s)
+        if on_state is not None:
+            on_state(s, x)
     return x
 
 

@@ -73,9 +73,23 @@ def q_sample(
     noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Draw x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I). ``t`` is scalar or per-sample."""
-    abar = _coef(schedule.alpha_bar(t), x0)
     if noise is None:
         noise = randn_like(x0, generator)
+    return diffuse(x0, schedule.alpha_bar(t), noise)
+
+
+def q_sample_with_noise(
+    schedule: VPSchedule, x0: torch.Tensor, t: int | torch.Tensor, generator: Generators = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``q_sample``'s draw (the same one) and the standard normal noise it used."""
+    noise = randn_like(x0, generator)
+    return q_sample(schedule, x0, t, noise=noise), noise
+
+
+def diffuse(x0: torch.Tensor, alpha_bar: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """sqrt(abar) x0 + sqrt(1 - abar) noise for a float64 ``alpha_bar`` (scalar or per-sample):
+    ``q_sample``'s closed form, in its arithmetic (also for targets that must match its draws)."""
+    abar = _coef(alpha_bar, x0)
     return abar.sqrt() * x0 + (1.0 - abar).sqrt() * noise
 
 
