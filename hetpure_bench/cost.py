@@ -14,6 +14,7 @@ from torch import nn
 from .attacks.apgd import APGDEOT
 from .attacks.autoattack import AutoAttackSuite
 from .attacks.base import Attack
+from .attacks.diffhammer import DiffHammer
 from .attacks.gradients import parse_gradient_mode
 from .attacks.pgd_eot import PGDEOT
 from .attacks.torchattacks_adapter import TorchAttack
@@ -30,6 +31,8 @@ def gradient_evaluations(attack: Attack) -> int:
         return attack.steps * attack.eot
     if isinstance(attack, APGDEOT):
         return attack.restarts * (attack.steps + 1) * attack.eot  # each restart's start point too
+    if isinstance(attack, DiffHammer):
+        return len(attack.losses) * attack.steps  # one purifier backprop per step (the representative's)
     if isinstance(attack, AutoAttackSuite):
         if attack.version == "rand":
             return 2 * attack.steps * attack.eot_samples  # APGD-CE and APGD-DLR
@@ -41,9 +44,13 @@ def gradient_evaluations(attack: Attack) -> int:
 
 
 def forward_queries(attack: Attack) -> int:
-    """Forward-only passes per image (AutoAttack standard's Square attack)."""
+    """Forward-only passes per image (AutoAttack standard's Square attack; DiffHammer's N
+    purifications of the clean image and of every iterate, each with a classifier backprop that
+    counts here as a classifier forward)."""
     if isinstance(attack, AutoAttackSuite) and attack.version == "standard":
         return attack.square_queries
+    if isinstance(attack, DiffHammer):
+        return attack.purifications * (1 + len(attack.losses) * (attack.steps + 1))
     return 0
 
 

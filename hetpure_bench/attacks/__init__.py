@@ -10,6 +10,7 @@ from ..registry import Registry
 from .apgd import APGDEOT
 from .autoattack import build_autoattack
 from .base import Attack
+from .diffhammer import DiffHammer
 from .pgd_eot import PGDEOT
 from .torchattacks_adapter import TorchAttack
 
@@ -18,6 +19,11 @@ ATTACKS.register("pgd-eot", lambda **kw: [PGDEOT(**kw)], summary="PGD-EOT (Lee &
 ATTACKS.register(
     "apgd-eot", lambda **kw: [APGDEOT(**kw)],
     summary="APGD (Croce & Hein, 2020) with batched EOT: loss ce, margin (default) or dlr; steps, eot, restarts, rho",
+)
+ATTACKS.register(
+    "diffhammer", lambda **kw: [DiffHammer(**kw)],
+    summary="DiffHammer (Wang et al., 2024): selective EM attack, N-evaluation (Avg/Wor), gradient grafting through "
+    "the representative's exact trajectory; losses, steps, purifications, restart_threshold, rho, random_start",
 )
 ATTACKS.register(
     "autoattack", build_autoattack,

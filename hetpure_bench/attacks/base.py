@@ -26,6 +26,10 @@ class Attack:
     def perturb(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, progress: bool = False) -> torch.Tensor:
         raise NotImplementedError
 
+    def check_gradient_mode(self, mode: str) -> None:
+        """Raise a one-line UserError if the attack cannot follow gradient mode ``mode``
+        (gradients.py); most attacks follow any. For the runner's checks before heavy work."""
+
     def replace(self, **changes: Any) -> "Attack":
         return dataclasses.replace(self, **changes)
 
