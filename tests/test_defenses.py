@@ -89,36 +89,42 @@ def test_single_forward_draw_matches_u_one_step_transitions():
     assert single.var().item() == pytest.approx(1 - ratio, rel=3e-2)
 
 
-def _replay_reference(x01, diffusion, t_start, stride, seed, draws_before):
-    """DDIM purification from t_start whose start noise is the generator's draw number
+def _replay_reference(x01, diffusion, t_start, stride, seed, draws_before, end):
+    """DDIM purification from t_start to ``end`` whose start noise is the generator's draw number
     ``draws_before`` (0-based): replays the draws hetpure makes before it."""
     g = torch.Generator().manual_seed(seed)
     x0 = x01 * 2 - 1
     for _ in range(draws_before):
         randn_like(x0, g)
     x = q_sample(S, x0, t_start, g)
+    grid = [t for t in timestep_grid(40, stride, end) if t <= t_start]
     with torch.no_grad():
-        return ((ddim_sample(diffusion, S, x, timestep_grid(t_start, stride)) + 1) / 2).clamp(0, 1)
+        return ((ddim_sample(diffusion, S, x, grid) + 1) / 2).clamp(0, 1)
 
 
 @pytest.mark.parametrize(
-    "mask_value, t_start, draws_before",
+    "mask_value, rule, t_start, draws_before",
     [
         # All ones: draw 0 is the forward noise to t_l; the blends' draws only touch the empty
         # low-attention region, so this is DDIM from t_l = 40.
-        (1.0, 40, 0),
-        # All zeros: forward to t_l, then one blend draw at each stage-1 point 40, 30, 20; the
-        # last one (draw 3) starts what is then plain DDIM from t_s = 20.
-        (0.0, 20, 3),
+        (1.0, {}, 40, 0),
+        (1.0, {"stage_rule": "current", "final_step": "clean"}, 40, 0),
+        # All zeros, the reference's rule: forward to t_l, then a blend draw before each step to
+        # s >= t_s = 20, i.e. at 40 and 30; the last one (draw 2) starts plain DDIM from 30.
+        (0.0, {}, 30, 2),
+        # The earlier rule: a blend draw at each grid point t >= 20 (40, 30, 20): DDIM from 20.
+        (0.0, {"stage_rule": "current", "final_step": "clean"}, 20, 3),
     ],
 )
-def test_hetpure_with_a_constant_mask_is_ddim_from_t_l_or_t_s(mask_value, t_start, draws_before):
+def test_hetpure_with_a_constant_mask_is_ddim_from_t_l_or_t_s(mask_value, rule, t_start, draws_before):
     classifier, diffusion = tiny_models(dtype=torch.float64)
-    defense = HeterogeneousPurifier(classifier, diffusion, HetPureConfig(t_l=40, t_s=20, stride=10, resample_steps=0), seed=3)
+    config = HetPureConfig(t_l=40, t_s=20, stride=10, resample_steps=0, **rule)
+    defense = HeterogeneousPurifier(classifier, diffusion, config, seed=3)
     x01 = _x(dtype=torch.float64)
     with torch.no_grad():
         out = defense.purify_with_mask(x01, torch.full((1, 1, 8, 8), mask_value, dtype=torch.float64))
-    torch.testing.assert_close(out, _replay_reference(x01, diffusion, t_start, 10, seed=3, draws_before=draws_before))
+    end = 0 if config.final_step == "t0" else -1
+    torch.testing.assert_close(out, _replay_reference(x01, diffusion, t_start, 10, seed=3, draws_before=draws_before, end=end))
 
 
 def test_hetpure_mask_regions_follow_their_noise_levels():

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from hetpure_bench.diffusion.schedule import (
-    CLEAN, VPSchedule, ddim_step, ddpm_mean_variance, ddpm_step, predict_x0, q_forward, q_sample, timestep_grid,
+    CLEAN, VPSchedule, ddim_step, ddpm_mean_variance, ddpm_posterior_step, ddpm_step, predict_x0, q_forward, q_sample,
+    timestep_grid,
 )
 
 S = VPSchedule()
@@ -145,6 +146,46 @@ def test_timestep_grid_call_count():
     assert len(timestep_grid(200, 2)) - 1 == 100  # the reference's 100-call defense grid
     with pytest.raises(ValueError):
         timestep_grid(0, 2)
+
+
+def test_timestep_grid_ending_at_t0():
+    # The heterogeneous-noise reference: calls at 200, 198, ..., 2 and the last step lands at 0.
+    assert timestep_grid(200, 2, end=0) == list(range(200, -1, -2))
+    assert timestep_grid(200, 100, end=0) == [200, 100, 0]
+    assert timestep_grid(5, 2, end=0) == [5, 3, 1, 0]
+    with pytest.raises(ValueError):
+        timestep_grid(200, 2, end=1)
+
+
+def test_ddpm_posterior_step_adjacent_is_the_ddpm_step():
+    # s = t - 1 with x0_hat inside [-1, 1] (no clipping): DDPM's step with the posterior variance.
+    t = 30
+    x_t = torch.linspace(-0.5, 0.5, 6, dtype=torch.float64)
+    eps = torch.linspace(0.3, -0.2, 6, dtype=torch.float64)
+    assert predict_x0(S, x_t, t, eps).abs().max() < 1
+    a = ddpm_posterior_step(S, x_t, t, t - 1, eps, torch.Generator().manual_seed(1))
+    b = ddpm_step(S, x_t, t, eps, torch.Generator().manual_seed(1), variance="small")
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_ddpm_posterior_step_strided_hand_computed():
+    # The respaced DDPM step 40 -> 30: beta = 1 - abar_40 / abar_30; x0_hat clipped to [-1, 1].
+    x_t, eps = torch.tensor([2.0, 0.1], dtype=torch.float64), torch.tensor([0.1, -0.3], dtype=torch.float64)
+    a_t, a_s = S.alpha_bar(40).item(), S.alpha_bar(30).item()
+    beta = 1 - a_t / a_s
+    x0 = [max(-1.0, min(1.0, (x - math.sqrt(1 - a_t) * e) / math.sqrt(a_t))) for x, e in zip([2.0, 0.1], [0.1, -0.3])]
+    assert x0[0] == 1.0  # clipped
+    noise = torch.randn(2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    expected = [
+        math.sqrt(a_s) * beta / (1 - a_t) * x0[i] + math.sqrt(a_t / a_s) * (1 - a_s) / (1 - a_t) * x
+        + math.sqrt(beta * (1 - a_s) / (1 - a_t)) * noise[i].item()
+        for i, x in enumerate([2.0, 0.1])
+    ]
+    out = ddpm_posterior_step(S, x_t, 40, 30, eps, torch.Generator().manual_seed(2))
+    assert out.tolist() == pytest.approx(expected, rel=1e-12)
+    # Landing on the clean image: no noise, the clipped x0 prediction.
+    clean = ddpm_posterior_step(S, x_t, 40, CLEAN, eps, torch.Generator().manual_seed(2))
+    assert clean.tolist() == pytest.approx(x0, rel=1e-12)
 
 
 def test_transitions_are_differentiable():

@@ -27,10 +27,11 @@ def register_defense(cls: type[Defense], **info: Any) -> type[Defense]:
 
 
 def make_variant(base: type[Defense], name: str, defaults: dict[str, Any]) -> type[Defense]:
-    """A defense that is ``base`` with other default settings (an ablation, say)."""
+    """A defense that is ``base`` with other default settings (an ablation, say); ``defaults``
+    may name nested settings dotted, as overrides do ({"mask.tau": 0.85})."""
 
     def config_class() -> Any:
-        return dataclasses.replace(base.config_class(), **defaults)
+        return _apply_overrides(base.config_class(), defaults)
 
     settings = ", ".join(f"{key}={value!r}" for key, value in defaults.items())
     config_class.__name__ = f"{base.config_class.__name__}({settings})"
@@ -39,7 +40,15 @@ def make_variant(base: type[Defense], name: str, defaults: dict[str, Any]) -> ty
 
 # The paper's ablations and the RePaint-style purifier: hetpure's machinery, other defaults.
 HETPURE_VARIANTS = {
-    "hetpure-u10": ({"resample_steps": 10}, "hetpure with U = 10 (the first release and the paper text; the current reference uses 3)"),
+    "hetpure-v1": (
+        {"stride": 5, "mask.tau": 0.85, "resample_steps": 10},
+        "hetpure as first released (2024-10): stride 5 (40 calls), tau 0.85, U = 10",
+    ),
+    "hetpure-u10": (
+        {"resample_steps": 10},
+        "hetpure with U = 10 as in the paper text, at the current release's stride 2 and tau 0.9 "
+        "(not a released configuration: the current release uses U = 3, the first one is hetpure-v1)",
+    ),
     "hetpure-noresample": ({"resampling": "none"}, "hetpure ablation: no resampling"),
     "hetpure-multistep": (
         {"resampling": "multi", "resample_steps": 20},
@@ -48,10 +57,12 @@ HETPURE_VARIANTS = {
     "hetpure-uniform-tl": ({"mask_mode": "ones"}, "hetpure ablation: uniform noise at t_l (mask all ones)"),
     "hetpure-uniform-ts": ({"mask_mode": "zeros"}, "hetpure ablation: uniform noise at t_s (mask all zeros)"),
     "hetpure-randmask": ({"mask_mode": "random"}, "hetpure ablation: random mask with the attention mask's area"),
+    # RePaint blends before every reverse step (t >= 1 under the "current" rule), takes DDPM
+    # steps with x0 clipping and lands on the clean image.
     "repaint": (
-        {"t_s": 1, "resampling": "multi", "resample_steps": 20},
+        {"t_s": 1, "stage_rule": "current", "final_step": "clean", "sampler": "ddpm", "resampling": "multi", "resample_steps": 20},
         "RePaint-style purification (Lugmayr et al., CVPR 2022): attention mask, known region "
-        "re-noised from the input at every step, multi-step resampling U = 20",
+        "re-noised from the input before every step, DDPM steps with x0 clipping, multi-step resampling U = 20",
     ),
 }
 

@@ -2,11 +2,12 @@
 
 1. Attention mask M of the input (1 = high attention), computed once per distinct input image.
 2. Heterogeneous forward: the whole image to t_l.
-3. Stage 1, grid points t >= t_s: x_t <- x_t * M + q(x_t | x_input) * (1 - M) with fresh noise,
-   so the low-attention region follows the input (it leaves stage 1 at noise level ~t_s);
-   then single-step resampling: one draw from q(x_{t+U} | x_t), and ONE DDIM step from t + U
-   to the next grid point (no extra network call).
-4. Stage 2, grid points t < t_s: plain DDIM on the whole image.
+3. Stage 1, a step from grid point t to the next grid point s >= t_s (the reference's rule):
+   x_t <- x_t * M + q(x_t | x_input) * (1 - M) with fresh noise, so the low-attention region
+   follows the input (it leaves stage 1 at noise level ~t_s); then single-step resampling: one
+   draw from q(x_{t+U} | x_t), and ONE DDIM step from t + U to s (no extra network call).
+4. Stage 2, the steps to s < t_s: plain DDIM on the whole image, down to t = 0 (alpha_bar_0 =
+   0.9999; the reference's last step lands there, not on the x0 prediction).
 
 The same machinery, configured differently, gives the paper's ablations (no resampling,
 RePaint's multi-step resampling, uniform noise, random masks) and the RePaint-style purifier.
@@ -23,7 +24,7 @@ import torch
 from ..attention_mask import MaskConfig, attention_mask
 from ..diffusion.resampling import denoising_steps, jump_schedule
 from ..diffusion.sampling import NetworkCaller, sample_loop
-from ..diffusion.schedule import ddim_step, q_forward, q_sample, timestep_grid
+from ..diffusion.schedule import CLEAN, ddim_step, ddpm_posterior_step, q_forward, q_sample, timestep_grid
 from ..errors import UserError
 from ..noise import rand_like
 from .base import Defense
@@ -31,17 +32,29 @@ from .base import Defense
 
 RESAMPLING = ("single", "multi", "none")
 MASK_MODES = ("attention", "ones", "zeros", "random")
+STAGE_RULES = ("next", "current")
+FINAL_STEPS = ("t0", "clean")
+SAMPLERS = ("ddim", "ddpm")
 
 
 @dataclass(frozen=True)
 class HetPureConfig:
     """Reference CIFAR-10 defaults: t_l 200, t_s 100, stride 2 (100 calls), U 3, tau 0.9, p 2.
 
-    resampling: "single" (one draw q(x_{t+U} | x_t), then one DDIM step from t + U), "multi"
-    (RePaint: after a stage-1 step, jump back ``jump_length`` grid steps and re-denoise, U times
-    per jump position) or "none". mask_mode: "attention" (the classifier-attention mask),
-    "ones" (uniform strong noise), "zeros" (uniform weak noise) or "random" (a random mask with
-    as many ones as the attention mask). ``mask.hooks`` empty means the classifier's own hooks.
+    The grid is t_l, t_l - stride, ... > 0, then ``final_step``: "t0" (the reference: the last
+    DDIM step lands at t = 0, x = sqrt(abar_0) x0_hat + sqrt(1 - abar_0) eps_hat) or "clean" (it
+    lands on x0_hat, this project's earlier behaviour); ceil(t_l / stride) calls either way.
+    stage_rule: which steps t -> s are stage-1 steps (blend with the re-noised input, then
+    resample): "next" (s >= t_s, the reference's rule: at stride 100 only t = 200 blends) or
+    "current" (t >= t_s, this project's earlier rule). resampling: "single" (one draw
+    q(x_{t+U} | x_t), then one step from t + U), "multi" (RePaint: jump back ``jump_length``
+    grid steps and re-denoise, U times per jump position; jumps start at grid points >= t_s, so
+    every step a jump re-does is a stage-1 step under either rule) or "none". sampler: "ddim"
+    (eta = 0, x0_hat not clipped, as the reference) or "ddpm" (RePaint's ancestral step with
+    x0_hat clipped: ``ddpm_posterior_step``). mask_mode: "attention" (the classifier-attention
+    mask), "ones" (uniform strong noise), "zeros" (uniform weak noise) or "random" (a random
+    mask with as many ones as the attention mask). ``mask.hooks`` empty means the classifier's
+    own hooks.
     """
 
     t_l: int = 200
@@ -50,6 +63,9 @@ class HetPureConfig:
     resampling: str = "single"
     resample_steps: int = 3
     jump_length: int = 1
+    stage_rule: str = "next"
+    final_step: str = "t0"
+    sampler: str = "ddim"
     mask_mode: str = "attention"
     mask: MaskConfig = field(default_factory=lambda: MaskConfig(hooks=()))
 
@@ -58,8 +74,10 @@ class HetPureConfig:
             raise UserError(f"hetpure needs 0 < t_s <= t_l < 1000, got t_s={self.t_s}, t_l={self.t_l}")
         if self.resampling not in RESAMPLING:
             raise UserError(f"hetpure resampling must be one of {', '.join(RESAMPLING)}, got {self.resampling!r}")
-        if self.mask_mode not in MASK_MODES:
-            raise UserError(f"hetpure mask_mode must be one of {', '.join(MASK_MODES)}, got {self.mask_mode!r}")
+        choices = {"mask_mode": MASK_MODES, "stage_rule": STAGE_RULES, "final_step": FINAL_STEPS, "sampler": SAMPLERS}
+        for setting, allowed in choices.items():
+            if getattr(self, setting) not in allowed:
+                raise UserError(f"hetpure {setting} must be one of {', '.join(allowed)}, got {getattr(self, setting)!r}")
         if self.resample_steps < 0 or self.t_l + self.resample_steps > 999:
             raise UserError(f"hetpure resample_steps must be in 0..{999 - self.t_l}")
         if self.stride < 1 or self.jump_length < 1:
@@ -105,20 +123,30 @@ class HeterogeneousPurifier(Defense):
         return copy
 
     def _grid(self) -> list[int]:
-        return timestep_grid(self.config.t_l, self.config.stride)
+        return timestep_grid(self.config.t_l, self.config.stride, end=0 if self.config.final_step == "t0" else CLEAN)
+
+    def _in_stage_1(self, t: int, s: int) -> bool:
+        """Whether the denoising step t -> s blends with the re-noised input and resamples."""
+        return (s if self.config.stage_rule == "next" else t) >= self.config.t_s
 
     def _schedule(self) -> tuple[list[int], int]:
         """The grid positions visited and the number of network calls (closed form)."""
         c, grid = self.config, self._grid()
         n = len(grid) - 1
         jumps = c.resample_steps if c.resampling == "multi" else 0
-        in_stage_1 = lambda position: grid[position] >= c.t_s  # noqa: E731 - a predicate as data
-        return jump_schedule(n, c.jump_length, jumps, in_stage_1), denoising_steps(n, c.jump_length, jumps, in_stage_1)
+        # Jumps start at the grid points >= t_s: the points a stage-1 step reaches under the
+        # "next" rule, and leaves under "current"; either way the re-done steps are stage-1 steps.
+        at_stage_1_point = lambda position: grid[position] >= c.t_s  # noqa: E731 - a predicate as data
+        return (
+            jump_schedule(n, c.jump_length, jumps, at_stage_1_point),
+            denoising_steps(n, c.jump_length, jumps, at_stage_1_point),
+        )
 
     @property
     def nfe(self) -> int:
-        """One call per denoising step: ceil(t_l / stride), plus U * jump_length per stage-1
-        jump position with multi-step resampling (single-step resampling adds no call)."""
+        """One call per denoising step: ceil(t_l / stride) whatever the final step and stage rule,
+        plus U * jump_length per jump position with multi-step resampling (single-step resampling
+        adds no call)."""
         return self._schedule()[1]
 
     def surrogate(self, network_calls: int) -> Defense:
@@ -175,15 +203,20 @@ class HeterogeneousPurifier(Defense):
         eps_fn = NetworkCaller(self.diffusion)
         single_u = c.resample_steps if c.resampling == "single" else 0
 
+        def denoise(x, t, s):  # one network call
+            if c.sampler == "ddpm":
+                return ddpm_posterior_step(schedule, x, t, s, eps_fn(x, t), g)
+            return ddim_step(schedule, x, t, s, eps_fn(x, t))
+
         def step(x, t, s):
             if s > t:  # a multi-step resampling jump back up: re-noise, no network call
                 return q_forward(schedule, x, t, s, g)
-            if t < c.t_s:  # stage 2
-                return ddim_step(schedule, x, t, s, eps_fn(x, t))
+            if not self._in_stage_1(t, s):  # stage 2
+                return denoise(x, t, s)
             x = x * mask + q_sample(schedule, x0, t, g) * (1 - mask)
             if single_u:
                 x, t = q_forward(schedule, x, t, t + single_u, g), t + single_u
-            return ddim_step(schedule, x, t, s, eps_fn(x, t))
+            return denoise(x, t, s)
 
         grid = self._grid()
         visited = [grid[position] for position in self._schedule()[0]]

@@ -4,7 +4,8 @@ Conventions (see METHOD.md):
 - images x are in [-1, 1]; the network predicts eps from (x_t, t) with integer t in 0..T-1;
 - ``alpha_bar(t)`` is the cumulative product of (1 - beta_i) for i <= t, so with the linear
   schedule alpha_bar(100) = 0.895 and alpha_bar(200) = 0.656;
-- the clean image is time ``CLEAN = -1`` with alpha_bar = 1 (a sampler's last step lands there).
+- the clean image is time ``CLEAN = -1`` with alpha_bar = 1 (a sampler's last step lands there, or at
+  t = 0 where a reference method ends there: see ``timestep_grid``).
 
 Everything here is a pure, differentiable tensor function. Randomness is always drawn from an
 explicit generator (one, or one per row: see noise.py) so that attacks which reseed the global
@@ -158,11 +159,7 @@ def ddpm_mean_variance(
     else:
         raise ValueError(f"variance must be one of {', '.join(VARIANCES)}, got {variance!r}")
     if clip_x0:
-        abar_prev = schedule.alpha_bar(t_tensor - 1)
-        x0_hat = predict_x0(schedule, x_t, t_tensor, eps).clamp(-1.0, 1.0)
-        coef_x0 = beta * abar_prev.sqrt() / (1.0 - abar_t)
-        coef_xt = (1.0 - abar_prev) * (1.0 - beta).sqrt() / (1.0 - abar_t)
-        mean = _coef(coef_x0, x_t) * x0_hat + _coef(coef_xt, x_t) * x_t
+        mean = posterior_mean(schedule, predict_x0(schedule, x_t, t_tensor, eps).clamp(-1.0, 1.0), x_t, t_tensor, t_tensor - 1)
     else:
         mean = (x_t - _coef(beta / (1.0 - abar_t).sqrt(), x_t) * eps) / _coef((1.0 - beta).sqrt(), x_t)
     return mean, _coef(var, x_t)
@@ -183,14 +180,50 @@ def ddpm_step(
     return mean + not_last * var.sqrt() * randn_like(x_t, generator)
 
 
-def timestep_grid(t_start: int, stride: int) -> list[int]:
-    """The network-call times of a strided sampler from ``t_start`` down to the clean image.
+def ddpm_posterior_step(
+    schedule: VPSchedule,
+    x_t: torch.Tensor,
+    t: int,
+    s: int,
+    eps: torch.Tensor,
+    generator: Generators = None,
+) -> torch.Tensor:
+    """Ancestral step from t to any s < t: a draw from q(x_s | x_t, x0_hat), x0_hat clipped to [-1, 1].
+
+    This is RePaint's (guided-diffusion's) step with ``clip_denoised``: on a strided grid, the DDPM
+    step of the respaced schedule (beta = 1 - abar_t / abar_s); with s = t - 1 it is DDPM's step with
+    the posterior variance. The variance is zero at s = CLEAN, where the step returns x0_hat.
+    """
+    x0_hat = predict_x0(schedule, x_t, t, eps).clamp(-1, 1)
+    abar_t, abar_s = schedule.alpha_bar(t), schedule.alpha_bar(s)
+    var = (1.0 - abar_t / abar_s) * (1.0 - abar_s) / (1.0 - abar_t)
+    return posterior_mean(schedule, x0_hat, x_t, t, s) + _coef(var.sqrt(), x_t) * randn_like(x_t, generator)
+
+
+def posterior_mean(
+    schedule: VPSchedule, x0: torch.Tensor, x_t: torch.Tensor, t: int | torch.Tensor, s: int | torch.Tensor
+) -> torch.Tensor:
+    """Mean of q(x_s | x_t, x0) for s < t: (sqrt(abar_s) beta_ts x0 + sqrt(abar_t / abar_s)
+    (1 - abar_s) x_t) / (1 - abar_t) with beta_ts = 1 - abar_t / abar_s (beta_t when s = t - 1)."""
+    abar_t, abar_s = schedule.alpha_bar(t), schedule.alpha_bar(s)
+    beta = 1.0 - abar_t / abar_s
+    coef_x0 = abar_s.sqrt() * beta / (1.0 - abar_t)
+    coef_xt = (abar_t / abar_s).sqrt() * (1.0 - abar_s) / (1.0 - abar_t)
+    return _coef(coef_x0, x_t) * x0 + _coef(coef_xt, x_t) * x_t
+
+
+def timestep_grid(t_start: int, stride: int, end: int = CLEAN) -> list[int]:
+    """The network-call times of a strided sampler from ``t_start`` down to ``end``.
 
     Returns [t_start, t_start - stride, ...] down to the smallest positive entry, followed by
-    ``CLEAN``: the sampler calls the network at every entry but the last, so the number of
-    network calls is ceil(t_start / stride). E.g. (100, 10) -> [100, 90, ..., 10, -1]
-    (10 calls); (200, 100) -> [200, 100, -1] (2 calls).
+    ``end``: ``CLEAN`` (the last step lands on the clean image, its x0 prediction) or 0 (it
+    lands at t = 0, alpha_bar = 0.9999, as the heterogeneous-noise reference does). The sampler
+    calls the network at every entry but the last, so the number of network calls is
+    ceil(t_start / stride) either way. E.g. (100, 10) -> [100, 90, ..., 10, -1] (10 calls);
+    (200, 100, end=0) -> [200, 100, 0] (2 calls).
     """
     if t_start < 1 or stride < 1:
         raise ValueError(f"need t_start >= 1 and stride >= 1, got {t_start}, {stride}")
-    return list(range(t_start, 0, -stride)) + [CLEAN]
+    if end not in (CLEAN, 0):
+        raise ValueError(f"a grid ends at CLEAN (-1) or 0, got {end}")
+    return list(range(t_start, 0, -stride)) + [end]
