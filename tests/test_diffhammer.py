@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from hetpure_bench.attacks import attack_label, build_attacks
-from hetpure_bench.attacks.diffhammer import DiffHammer, e_step_weights, graft, representative
+from hetpure_bench.attacks.diffhammer import DiffHammer, e_step_log_weights, graft, representative
 from hetpure_bench.attacks.gradients import BPDA, attack_model
 from hetpure_bench.attacks.losses import loss_function
 from hetpure_bench.attacks.threat import perturbation_size, project
@@ -48,7 +48,7 @@ def test_representative_maximises_the_summed_elu_of_the_first_order_losses(norm,
     assert chosen.tolist() == [0, 2]  # worked out by hand for every case above: clear winners
 
 
-def test_e_step_weights_by_hand():
+def test_e_step_log_weights_by_hand():
     chosen = torch.tensor([0, 2])
     sig = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
     # image 0, j* = 0: sign(1, 2) = (1, 1); <(1,1), g_i> = 3, -0.5, -1.5
@@ -56,20 +56,24 @@ def test_e_step_weights_by_hand():
     expected = [[sig(5 * (0.2 + 3)), sig(5 * (-0.5 - 3))],
                 [sig(5 * (-1.0 - 0.5)), sig(5 * (0.3 + 0))],
                 [sig(5 * (0.5 - 1.5)), sig(5 * (-0.2 + 3.5))]]
-    torch.testing.assert_close(e_step_weights(LOSSES, GRADS, chosen, "Linf"), torch.tensor(expected, dtype=torch.float64))
+    torch.testing.assert_close(e_step_log_weights(LOSSES, GRADS, chosen, "Linf").exp(), torch.tensor(expected, dtype=torch.float64))
     # L2, image 0: u = (1, 2) / sqrt(5); <u, g_i> = 5, 0, -3.5 over sqrt(5)
-    l2 = e_step_weights(LOSSES, GRADS, chosen, "L2")[:, 0]
+    l2 = e_step_log_weights(LOSSES, GRADS, chosen, "L2")[:, 0].exp()
     s5 = math.sqrt(5)
     torch.testing.assert_close(l2, torch.tensor([sig(5 * (0.2 + 5 / s5)), sig(5 * (-1.0)), sig(5 * (0.5 - 3.5 / s5))], dtype=torch.float64))
 
 
 def test_graft_is_the_weighted_mean_and_identical_gradients_graft_to_themselves():
     weights = torch.tensor([[1.0, 0.5], [3.0, 0.5], [0.0, 1.0]], dtype=torch.float64)
-    grafted = graft(GRADS, weights)
+    grafted = graft(GRADS, weights.log())
     torch.testing.assert_close(grafted[0], torch.tensor([(1 - 3) / 4, (2 + 1.5) / 4], dtype=torch.float64))
     torch.testing.assert_close(grafted[1], torch.tensor([(1 + 0.5 - 3) / 2, (-0.5 + 0.5 + 0.5) / 2], dtype=torch.float64))
     same = GRADS[:1].expand(4, -1, -1)
-    torch.testing.assert_close(graft(same, torch.rand(4, 2, dtype=torch.float64) + 0.1), GRADS[0])
+    torch.testing.assert_close(graft(same, torch.randn(4, 2, dtype=torch.float64)), GRADS[0])
+    # weights far below float32's smallest number still graft to their weighted mean
+    tiny = torch.tensor([[-200.0], [-200.0 + math.log(3)]])  # q = e^-200 and 3 e^-200
+    torch.testing.assert_close(graft(torch.tensor([[[1.0]], [[5.0]]]), tiny), torch.tensor([[4.0]]))
+    assert float(torch.sigmoid(torch.tensor(-200.0))) == 0.0  # what plain weights would have been
 
 
 # ---------------------------------------------------------------- test defenses
@@ -194,7 +198,8 @@ def test_the_replay_gradient_equals_the_batched_graph_restricted_to_the_represen
     grads, = torch.autograd.grad(losses.sum(), p)
     losses, grads = losses.detach().view(n, -1), grads.view(n, len(y), -1)
     chosen = representative(losses, grads, eps, "Linf")
-    grafted = graft(grads, e_step_weights(losses, grads, chosen, "Linf"))
+    weights = torch.sigmoid(5 * (losses + (grads * grads[chosen, torch.arange(len(y))].sign()).sum(-1)))
+    grafted = (weights.unsqueeze(-1) * grads).sum(0) / weights.sum(0).unsqueeze(-1)  # plainly, from ATTACKS.md
     outputs = torch.zeros(n, len(y), grads.shape[-1])
     outputs[chosen, torch.arange(len(y))] = grafted
     expected, = torch.autograd.grad(purified, x_in, grad_outputs=outputs.view_as(purified))

@@ -9,9 +9,12 @@ L2-normalised gradient, as the reference's code); the E-step weights are
 q_i = sigmoid(5 (L_i + <u(g_j*), g_i>)); the grafted output gradient g~ = sum q_i g_i / sum q_i is
 back-propagated through purification j* alone: g = J_phi_j*(x)^T g~. Purification j* is recomputed
 with a graph from the very noise copy j* drew (noise.CopyReplay from a snapshot of the streams
-taken before the batched pass), so it is the same trajectory, bit for bit on CPU; the largest
-difference seen is kept in the history (``replay_deviation``). The released code instead chained a
-coarse surrogate over states of the fine forward, which gives wrong gradients.
+taken before the batched pass): the same noise bit for bit, the same schedule, so the same
+trajectory up to the rounding of matrix products, which depends on the number of rows (B for the
+replay, N x B for the batched pass: about 1e-7 in the tiny tests). The largest difference seen is
+kept in the history (``replay_deviation``); one above REPLAY_TOLERANCE is a bug and stops the run.
+The released code instead chained a coarse surrogate over states of the fine forward, which gives
+wrong gradients.
 
 The gradient is smoothed, G_t = t^-0.5 g + (1 - t^-0.5) G_{t-1} (t the step, from 1), and drives
 APGD's step (apgd.py: first step 2 eps, momentum 0.75, per-image step-size checkpoints that halve
@@ -23,8 +26,11 @@ stops early once every purification of every image it attacks is misclassified.
 N-evaluation: the N purifications of every evaluated iterate (the clean image first) are also its
 evaluation. Per image "Wor" is broken once any purification of any evaluated iterate is
 misclassified, "Avg" is the highest fraction of misclassified purifications of one iterate; the
-returned example is that iterate (ties: the higher mean loss within a restart, else the earlier).
-The runner still re-evaluates it under fresh noise, as every attack's.
+returned example is that iterate (ties: an attacked iterate over the clean image, within a restart
+the higher mean loss, else the earlier). The runner still re-evaluates it under fresh noise, as
+every attack's. The purification is ``purify``: for GDMP one path (its prediction averages the
+logits of ``paths`` paths), so there Avg and Wor are over single-path predictions; with
+"surrogate:K" gradients they describe the surrogate the attack runs, not the defense.
 
 Differences from the released code (DiffHammer's attacker.py), each for a reason:
 - the exact trajectory of j*, as above (the point of this implementation);
@@ -58,7 +64,7 @@ from .threat import NORMS, project, uniform_in_ball
 
 WEIGHT_SCALE = 5.0  # the E-step's sigmoid sharpness (the paper's lambda)
 SMOOTHING = 0.5  # G_t = t^-SMOOTHING g + (1 - t^-SMOOTHING) G_{t-1}
-REPLAY_TOLERANCE = 1e-2  # a larger difference between a purification and its replay is a bug
+REPLAY_TOLERANCE = 1e-2  # a larger difference between a purification and its replay is a bug, not rounding
 BPDA_REFUSAL = "diffhammer back-propagates through the purifier's trajectory: use gradient 'full' or 'surrogate:K', not 'bpda'"
 
 
@@ -80,16 +86,17 @@ def representative(losses: torch.Tensor, grads: torch.Tensor, eps: float, norm: 
     return F.elu(losses.unsqueeze(0) + eps * inner).sum(1).argmax(0)
 
 
-def e_step_weights(losses: torch.Tensor, grads: torch.Tensor, chosen: torch.Tensor, norm: str) -> torch.Tensor:
-    """q_i = sigmoid(5 (L_i + <u(g_j*), g_i>)) (N, B): how much purification i shares the
-    vulnerability of the representative ``chosen`` (B,)."""
+def e_step_log_weights(losses: torch.Tensor, grads: torch.Tensor, chosen: torch.Tensor, norm: str) -> torch.Tensor:
+    """log q_i, q_i = sigmoid(5 (L_i + <u(g_j*), g_i>)) (N, B): how much purification i shares
+    the vulnerability of the representative ``chosen`` (B,). In logs, because every q_i of a
+    well-defended image can underflow to 0 in float32 and only their ratios matter."""
     direction = unit_step(grads[chosen, torch.arange(grads.shape[1])], norm)  # (B, D)
-    return torch.sigmoid(WEIGHT_SCALE * (losses + (grads * direction).sum(-1)))
+    return F.logsigmoid(WEIGHT_SCALE * (losses + (grads * direction).sum(-1)))
 
 
-def graft(grads: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """The weighted mean over the purifications (B, D) of gradients (N, B, D), weights (N, B)."""
-    return (weights.unsqueeze(-1) * grads).sum(0) / weights.sum(0).unsqueeze(-1)
+def graft(grads: torch.Tensor, log_weights: torch.Tensor) -> torch.Tensor:
+    """sum_i q_i g_i / sum_i q_i (B, D) of gradients (N, B, D) and log-weights (N, B)."""
+    return (torch.softmax(log_weights, 0).unsqueeze(-1) * grads).sum(0)
 
 
 # ---------------------------------------------------------------- one N-evaluation
@@ -271,7 +278,7 @@ class DiffHammer(Attack):
         if not gradient:
             return Evaluation(losses, wrong, torch.zeros_like(x_adv), 0.0)
         chosen = representative(losses, grads, self.eps, self.norm)
-        grafted = graft(grads, e_step_weights(losses, grads, chosen, self.norm)).view_as(x_adv)
+        grafted = graft(grads, e_step_log_weights(losses, grads, chosen, self.norm)).view_as(x_adv)
         x_in = x_adv.detach().requires_grad_(True)
         with torch.enable_grad(), model.drawing_noise_from(CopyReplay(snapshot, n, chosen)):
             replayed = model.purify(x_in)
