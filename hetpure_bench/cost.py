@@ -15,6 +15,7 @@ from .attacks.apgd import APGDEOT
 from .attacks.autoattack import AutoAttackSuite
 from .attacks.base import Attack
 from .attacks.diffattack import DiffAttack
+from .attacks.diffhammer import DiffHammer
 from .attacks.gradients import parse_gradient_mode
 from .attacks.pgd_eot import PGDEOT
 from .attacks.torchattacks_adapter import TorchAttack
@@ -33,6 +34,8 @@ def gradient_evaluations(attack: Attack) -> int:
         return len(attack.losses) * attack.restarts * (attack.steps + 1) * attack.eot
     if isinstance(attack, APGDEOT):
         return attack.restarts * (attack.steps + 1) * attack.eot  # each restart's start point too
+    if isinstance(attack, DiffHammer):
+        return len(attack.losses) * attack.steps  # one purifier backprop per step (the representative's)
     if isinstance(attack, AutoAttackSuite):
         if attack.version == "rand":
             return 2 * attack.steps * attack.eot_samples  # APGD-CE and APGD-DLR
@@ -44,9 +47,13 @@ def gradient_evaluations(attack: Attack) -> int:
 
 
 def forward_queries(attack: Attack) -> int:
-    """Forward-only passes per image (AutoAttack standard's Square attack)."""
+    """Forward-only passes per image (AutoAttack standard's Square attack; DiffHammer's N
+    purifications of the clean image and of every iterate, each with a classifier backprop that
+    counts here as a classifier forward)."""
     if isinstance(attack, AutoAttackSuite) and attack.version == "standard":
         return attack.square_queries
+    if isinstance(attack, DiffHammer):
+        return attack.purifications * (1 + len(attack.losses) * (attack.steps + 1))
     return 0
 
 

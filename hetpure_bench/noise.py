@@ -11,20 +11,41 @@ A batch of k x n rows (k copies of the n images, as EOT and GDMP's paths make wi
 any other size (AutoAttack's calls on the images it has not broken yet) cannot be matched to
 images and draws from one stream shared by the batch; such calls are the same in a sharded run
 because the runner shards whole batches.
+
+Two views of a defense's streams serve attacks that purify some images only or must recompute
+one purification exactly (DiffHammer; a defense draws from them inside
+``Defense.drawing_noise_from``): ``subset(rows)``, some images' streams (drawing through it
+advances the same generators), and ``CopyReplay``, which hands a batch of the images the noise
+that chosen copies of them drew in an earlier batch of copies, from a ``snapshot()`` taken before.
 """
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from typing import Sequence, Union
 
 import torch
 
-Generators = Union[torch.Generator, Sequence[torch.Generator], None]
-"""One generator for the whole tensor, one per row (diffusers' convention), or the global RNG."""
+
+@dataclass(frozen=True)
+class Rows:
+    """Draw as for a batch of ``total`` rows from ``generators``, keep the rows ``index``."""
+
+    generators: "Generators"
+    total: int
+    index: torch.Tensor
+
+
+Generators = Union[torch.Generator, Sequence[torch.Generator], Rows, None]
+"""One generator for the whole tensor, one per row (diffusers' convention), the chosen rows of a
+larger batch's draw (``Rows``), or the global RNG."""
 
 
 def _draw(sample, x: torch.Tensor, generator: Generators) -> torch.Tensor:
+    if isinstance(generator, Rows):  # the same draws as the larger batch made: bit-identical rows
+        full = _draw(sample, x.new_empty((generator.total, *x.shape[1:])), generator.generators)
+        return full[generator.index.to(full.device)]
     if generator is None or isinstance(generator, torch.Generator):
         return sample(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     if len(generator) != x.shape[0]:
@@ -77,8 +98,54 @@ class NoiseStreams:
 
     def for_batch(self, x: torch.Tensor) -> Generators:
         """The generator(s) for a batch ``x``: per row when it is k copies of the images."""
-        rows, n = x.shape[0], len(self.seeds)
+        return self.for_rows(x.shape[0], x.device)
+
+    def for_rows(self, rows: int, device: torch.device) -> Generators:
+        """The generator(s) for a batch of ``rows`` rows on ``device`` (see ``for_batch``)."""
+        n = len(self.seeds)
         if self.per_image and rows % n == 0 and rows > 0:
-            per_image = [self._generator(x.device, s) for s in self.seeds]
+            per_image = [self._generator(device, s) for s in self.seeds]
             return per_image * (rows // n)
-        return self._generator(x.device, self.shared_seed)
+        return self._generator(device, self.shared_seed)
+
+    def subset(self, rows: Sequence[int]) -> "NoiseStreams":
+        """The streams of the images ``rows`` (positions in ``seeds``), sharing this object's
+        generators, so an image's noise goes on as if it had stayed in the full batch (a batch
+        of other size still draws from the shared stream)."""
+        if not self.per_image:
+            return self
+        part = NoiseStreams([self.seeds[i] for i in rows])
+        part.shared_seed, part._generators = self.shared_seed, self._generators
+        return part
+
+    def snapshot(self) -> "NoiseStreams":
+        """An independent copy at the streams' current positions: it draws what this object
+        would draw next, and drawing from either leaves the other where it was."""
+        copy = NoiseStreams(self.seeds if self.per_image else self.seeds[0])
+        copy.shared_seed = self.shared_seed
+        for (device, seed), generator in self._generators.items():
+            clone = torch.Generator(device)
+            clone.set_state(generator.get_state())
+            copy._generators[(device, seed)] = clone
+        return copy
+
+
+class CopyReplay:
+    """Noise for a batch of n images that replays, image by image, one copy of an earlier batch
+    of ``copies`` copies of them (``x.repeat(copies, 1, 1, 1)``) drawn from ``snapshot`` (taken
+    just before that batch): image b gets exactly the noise its copy ``copy[b]`` drew, because
+    every draw repeats the earlier batch's draw (from fresh copies of the snapshot's generators)
+    and keeps those rows. A draw for k x n rows (a defense that repeats its input, as GDMP's
+    paths do) mirrors the earlier k x copies x n rows. Use one replay for one purification."""
+
+    def __init__(self, snapshot: NoiseStreams, copies: int, copy: torch.Tensor):
+        self.streams, self.copies, self.copy = snapshot.snapshot(), copies, copy.long().cpu()
+
+    def for_batch(self, x: torch.Tensor) -> Rows:
+        rows, n = x.shape[0], len(self.copy)
+        if rows % n:
+            raise ValueError(f"a replayed batch must be copies of the {n} images, got {rows} rows")
+        # row p * n + b of this batch was row p * copies * n + copy[b] * n + b of the earlier one
+        block, image = torch.arange(rows) // n, torch.arange(rows) % n
+        index = block * self.copies * n + self.copy[image] * n + image
+        return Rows(self.streams.for_rows(rows * self.copies, x.device), rows * self.copies, index)

@@ -56,3 +56,51 @@ def test_an_images_purification_does_not_depend_on_its_batch(name, overrides):
     assert torch.allclose(reversed_batch.flip(0), together, atol=1e-6)
     defense.reseed([stream_seed(1, i, "evaluate") for i in (10, 11, 12, 13)])
     assert not torch.allclose(defense.purify(x), together)  # another seed: other noise
+
+
+def test_a_subset_of_the_streams_advances_the_same_generators():
+    streams, twin = NoiseStreams([11, 12, 13]), NoiseStreams([11, 12, 13])
+    x = torch.zeros(3, 1, 2, 2)
+    part = streams.subset([2, 0])
+    sub_noise = randn_like(x[:2].repeat(2, 1, 1, 1), part.for_batch(x[:2].repeat(2, 1, 1, 1)))
+    full = randn_like(x.repeat(2, 1, 1, 1), twin.for_batch(x.repeat(2, 1, 1, 1)))
+    assert torch.equal(sub_noise, full[[2, 0, 5, 3]])  # images 13 and 11, two copies each
+    after, after_twin = randn_like(x, streams.for_batch(x)), randn_like(x, twin.for_batch(x))
+    assert torch.equal(after[[0, 2]], after_twin[[0, 2]])  # images 11 and 13 went on alike
+    assert not torch.equal(after[1], after_twin[1])  # image 12 was not drawn through the subset
+    shared = NoiseStreams(7)
+    assert shared.subset([0]) is shared  # one shared stream has no per-image part
+
+
+def test_a_snapshot_draws_what_comes_next_and_moves_neither():
+    streams = NoiseStreams([1, 2])
+    x = torch.zeros(2, 3)
+    randn_like(x, streams.for_batch(x))  # advance, so the snapshot must copy positions, not seeds
+    snapshot = streams.snapshot()
+    ahead = randn_like(x, snapshot.for_batch(x))
+    assert torch.equal(randn_like(x, streams.for_batch(x)), ahead)
+    assert not torch.equal(randn_like(x, snapshot.for_batch(x)), ahead)  # the snapshot went on by itself
+
+
+def test_a_copy_replay_hands_each_image_its_chosen_copys_noise():
+    from hetpure_bench.noise import CopyReplay
+
+    for seeds in ([11, 12], 5):
+        streams = NoiseStreams(seeds)
+        snapshot = streams.snapshot()
+        batch = torch.zeros(6, 1, 2, 2)  # 3 copies of 2 images
+        first, second = (randn_like(batch, streams.for_batch(batch)) for _ in range(2))
+        mask = rand_like(batch[:, :, :1], streams.for_batch(batch))
+        doubled = randn_like(batch.repeat(2, 1, 1, 1), streams.for_batch(batch.repeat(2, 1, 1, 1)))  # k = 2 blocks
+        replay = CopyReplay(snapshot, 3, torch.tensor([2, 0]))
+        images = torch.zeros(2, 1, 2, 2)
+        rows = [2 * 2 + 0, 0 * 2 + 1]  # copy 2 of image 0, copy 0 of image 1
+        assert torch.equal(randn_like(images, replay.for_batch(images)), first[rows])
+        assert torch.equal(randn_like(images, replay.for_batch(images)), second[rows])
+        assert torch.equal(rand_like(images[:, :, :1], replay.for_batch(images)), mask[rows])
+        blocks = randn_like(images.repeat(2, 1, 1, 1), replay.for_batch(images.repeat(2, 1, 1, 1)))
+        assert torch.equal(blocks, doubled[rows + [r + 6 for r in rows]])
+        again = CopyReplay(snapshot, 3, torch.tensor([2, 0]))  # the snapshot itself was not moved
+        assert torch.equal(randn_like(images, again.for_batch(images)), first[rows])
+        with pytest.raises(ValueError, match="copies of the 2 images"):
+            replay.for_batch(torch.zeros(3, 1))

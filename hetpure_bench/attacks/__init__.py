@@ -11,6 +11,7 @@ from .apgd import APGDEOT
 from .autoattack import build_autoattack
 from .base import Attack
 from .diffattack import DiffAttack
+from .diffhammer import DiffHammer
 from .pgd_eot import PGDEOT
 from .torchattacks_adapter import TorchAttack
 
@@ -27,6 +28,11 @@ ATTACKS.register(
     "diffattack", lambda **kw: [DiffAttack(**kw)],
     summary="DiffAttack (Kang et al., NeurIPS 2023): APGD-EOT on L_cls + lam * L_dev (deviated reconstruction), "
             "rounds ce then dlr; steps, eot, lam, losses, sampled_steps, restarts, rho",
+)
+ATTACKS.register(
+    "diffhammer", lambda **kw: [DiffHammer(**kw)],
+    summary="DiffHammer (Wang et al., 2024): selective EM attack, N-evaluation (Avg/Wor), gradient grafting through "
+    "the representative's exact trajectory; losses, steps, purifications, restart_threshold, rho, random_start",
 )
 ATTACKS.register(
     "autoattack", build_autoattack,

@@ -14,12 +14,17 @@ A defense is an ``nn.Module`` around a classifier and (usually) a diffusion mode
 - ``deviation_states(x01)`` (optional; DiffAttack's hook): the purified images together with the
   reverse-process states of the same pass and the forward noise (``DeviationStates``); a defense
   without such states keeps the default, a one-line refusal.
+- ``drawing_noise_from(streams)``: within the block, noise comes from other streams (noise.py:
+  a subset of the images' streams, or a replay of one copy of an earlier batch), so that an
+  attack can purify some images only, or recompute one purification exactly (DiffHammer).
+  A defense that draws all its noise through ``generator(x)`` gets this for free.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, ClassVar, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -55,6 +60,17 @@ class Defense(nn.Module):
         """Restart the noise: one shared stream (an int) or one stream per image (a list)."""
         self.seed = seed
         self.noise = NoiseStreams(seed)
+
+    @contextmanager
+    def drawing_noise_from(self, streams: Any) -> Iterator[None]:
+        """Within the block, draw noise from ``streams`` (anything with ``for_batch(x)``, such as
+        ``NoiseStreams.subset`` or ``CopyReplay``), then from the defense's own streams again."""
+        own = self.noise
+        self.noise = streams
+        try:
+            yield
+        finally:
+            self.noise = own
 
     def purify(self, x01: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
