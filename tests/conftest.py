@@ -25,6 +25,7 @@ def _isolated_environment(tmp_path_factory, monkeypatch):
     """No test reads the user's cache or data settings, and torch uses the 2 cores it has."""
     monkeypatch.setenv("HETPURE_HOME", str(tmp_path_factory.mktemp("hetpure_home")))
     monkeypatch.delenv("HETPURE_DATA", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)  # restored after a test whose in-process CLI run sets it
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
