@@ -18,6 +18,9 @@ from hetpure_bench.data import CLASSES
 SHARED_JPEG = Path(
     os.environ.get("HETPURE_TEST_JPEG", Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg")
 )
+# Subprocesses' time limit: a guard against a hung process, never a speed check (a busy machine
+# can slow a tiny run tenfold).
+HANG_GUARD_S = 1800
 
 
 @pytest.fixture(autouse=True)

@@ -2,6 +2,7 @@ import time
 
 import torch
 
+from conftest import HANG_GUARD_S
 from hetpure_bench.peak_memory import PeakMemory, current_rss_bytes, peak_tensor_bytes
 
 
@@ -10,7 +11,7 @@ def _until_sampled_twice(peak: PeakMemory) -> None:
     after this call began: the second reading from now started after the first one ended."""
     seen = time.monotonic(), peak.samples
     while peak.samples < seen[1] + 2:
-        assert time.monotonic() - seen[0] < 600, "the sampler thread never ran"  # a hang guard only
+        assert time.monotonic() - seen[0] < HANG_GUARD_S, "the sampler thread never ran"  # a hang guard only
         time.sleep(0.001)
 
 
