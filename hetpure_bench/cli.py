@@ -13,6 +13,7 @@ import yaml
 
 from .atomic import write_text_atomic
 from .errors import UserError
+from .threads import configure as configure_threads
 
 PROG = "hetpure_bench"
 
@@ -25,6 +26,12 @@ def _add_data_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_threads_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="intra-op CPU threads of this process (default: MKL_NUM_THREADS or OMP_NUM_THREADS "
+                        "when set, else the cores this process may use, shared by torchrun's local processes)")
+
+
 def _add_output_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--leaderboard-dir", default="leaderboards")
     parser.add_argument("--store", help="the SQLite result store (default LEADERBOARD_DIR/results.sqlite); "
@@ -35,6 +42,7 @@ def _add_output_options(parser: argparse.ArgumentParser) -> None:
                         help="keep every network call's activations for the attack's backward pass instead of "
                         "recomputing them: faster (about 1.5x per attack step on CPU at smoke scale), the same "
                         "results bit for bit, but memory grows with the number of network calls")
+    _add_threads_option(parser)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -395,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-defenses", default="hetpure,diffpure,repaint", help="defenses in the image grid")
     p.add_argument("--preset", default="smoke", help="settings of the image grid's defenses and attack")
     _add_data_option(p)
+    _add_threads_option(p)
     p.set_defaults(func=cmd_report)
 
     p = commands.add_parser("compare", help="paired comparison of two rows on the same images: the difference of "
@@ -417,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=200)
     p.add_argument("--export", help="where to write the EMA safetensors (default OUT/denoiser.safetensors)")
+    _add_threads_option(p)
     p.set_defaults(func=cmd_train_denoiser)
 
     p = commands.add_parser("export-denoiser", help="write the EMA weights of a training checkpoint as safetensors")
@@ -435,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--purify-t", type=int, default=100)
     p.add_argument("--purify-stride", type=int, default=10)
     p.add_argument("--out", help="also write the result as JSON here")
+    _add_threads_option(p)
     p.set_defaults(func=cmd_eval_denoiser)
     return parser
 
@@ -446,6 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
     args = build_parser().parse_args(argv)
     try:
+        if "threads" in vars(args):  # the commands that compute: before they first import torch
+            configure_threads(args.threads)
         return args.func(args)
     except UserError as exc:
         print(f"{PROG}: error: {' '.join(str(exc).split())}", file=sys.stderr)  # always one line

@@ -43,6 +43,7 @@ class PeakMemory:
     def __init__(self, device: torch.device, interval_s: float = 0.01):
         self.device, self.interval_s = torch.device(device), interval_s
         self.peak_bytes = 0
+        self.samples = 0  # readings the CPU sampler has taken so far
         self._stop = threading.Event()
 
     def __enter__(self) -> "PeakMemory":
@@ -57,6 +58,7 @@ class PeakMemory:
     def _sample(self) -> None:
         while not self._stop.wait(self.interval_s):
             self.peak_bytes = max(self.peak_bytes, current_rss_bytes())
+            self.samples += 1
 
     def __exit__(self, *exc) -> None:
         if self.device.type == "cuda":

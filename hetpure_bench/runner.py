@@ -580,7 +580,8 @@ def accuracy_fields(per_image: pd.DataFrame) -> dict:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"cpu ({threads} thread{'s' if threads != 1 else ''})"
 
 
 def diffusion_label(name: str, diffusion) -> str:

@@ -18,6 +18,9 @@ from hetpure_bench.data import CLASSES
 SHARED_JPEG = Path(
     os.environ.get("HETPURE_TEST_JPEG", Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg")
 )
+# Subprocesses' time limit: a guard against a hung process, never a speed check (a busy machine
+# can slow a tiny run tenfold).
+HANG_GUARD_S = 1800
 
 
 @pytest.fixture(autouse=True)
@@ -25,6 +28,7 @@ def _isolated_environment(tmp_path_factory, monkeypatch):
     """No test reads the user's cache or data settings, and torch uses the 2 cores it has."""
     monkeypatch.setenv("HETPURE_HOME", str(tmp_path_factory.mktemp("hetpure_home")))
     monkeypatch.delenv("HETPURE_DATA", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)  # restored after a test whose in-process CLI run sets it
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 

@@ -6,6 +6,7 @@ import sys
 import pandas as pd
 import pytest
 
+from conftest import HANG_GUARD_S
 from hetpure_bench.cli import main
 from hetpure_bench.diffusion.networks import load_unet_safetensors
 from hetpure_bench.store import ResultStore
@@ -13,7 +14,8 @@ from test_training import _train_tar
 
 
 def _run_module(*args):
-    return subprocess.run([sys.executable, "-m", "hetpure_bench", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "hetpure_bench", *args], capture_output=True, text=True,
+                          timeout=HANG_GUARD_S)
 
 
 def test_help_lists_the_commands():

@@ -1,14 +1,25 @@
+import time
+
 import torch
 
+from conftest import HANG_GUARD_S
 from hetpure_bench.peak_memory import PeakMemory, current_rss_bytes, peak_tensor_bytes
+
+
+def _until_sampled_twice(peak: PeakMemory) -> None:
+    """Wait (however long the scheduler takes) until the sampler has read the RSS at least once
+    after this call began: the second reading from now started after the first one ended."""
+    seen = time.monotonic(), peak.samples
+    while peak.samples < seen[1] + 2:
+        assert time.monotonic() - seen[0] < HANG_GUARD_S, "the sampler thread never ran"  # a hang guard only
+        time.sleep(0.001)
 
 
 def test_the_peak_covers_a_short_lived_allocation():
     before = current_rss_bytes()
     with PeakMemory("cpu", interval_s=0.001) as peak:
         big = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-        for _ in range(20):
-            big.add_(1)
+        _until_sampled_twice(peak)  # not a race with the sampler: it has provably seen the tensor live
         del big
     assert peak.mib * 2**20 >= before + 48 * 2**20
     assert current_rss_bytes() < peak.peak_bytes

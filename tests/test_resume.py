@@ -1,19 +1,19 @@
 """Crash safety and sharding, end to end through ``python -m hetpure_bench run`` in subprocesses
-(the real embedded models on a tiny generated image tar)."""
+(the real embedded models on a tiny generated image tar), on two cores of this process's CPU
+affinity: a single process then computes with 2 threads and each of two torchrun ranks with 1."""
 
+import json
 import os
 import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from contextlib import closing
 
 import pandas as pd
 import pytest
 
-from conftest import write_image_tar
+from conftest import HANG_GUARD_S, write_image_tar
 from hetpure_bench.leaderboard import COST_COLUMNS
 from hetpure_bench.store import ResultStore
 
@@ -28,25 +28,55 @@ def _command(data, out, *extra):
     ]
 
 
+CORES = sorted(os.sched_getaffinity(0))[:2]
+# Kills its own process (SIGKILL: no cleanup, as a crash or the OOM killer) when the run is about
+# to commit its second batch: the kill lands mid-run, after one committed batch, on any machine
+# however loaded (a test that polled the store and killed from outside raced the run).
+KILLED_BEFORE_SECOND_COMMIT = """
+import os, signal, sys
+from hetpure_bench.cli import main
+from hetpure_bench.store import ResultStore
+commit, commits = ResultStore.commit_batch, []
+def commit_or_die(self, *args):
+    commits.append(args[1])
+    if len(commits) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    commit(self, *args)
+ResultStore.commit_batch = commit_or_die
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def _env():
-    return {**os.environ, "OMP_NUM_THREADS": "1"}  # the same kernels in every process of these tests
+    # No thread settings of the caller's: the thread policy chooses (threads.py).
+    return {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
 
 
-def _run(args, timeout=600):
-    result = subprocess.run([sys.executable, "-m", "hetpure_bench", *args], capture_output=True, text=True,
-                            timeout=timeout, env=_env())
+def _on_two_cores():
+    os.sched_setaffinity(0, CORES)
+
+
+def _subprocess(command, **kwargs):
+    return subprocess.run(command, capture_output=True, text=True, timeout=HANG_GUARD_S, env=_env(),
+                          preexec_fn=_on_two_cores, **kwargs)
+
+
+def _run(args):
+    result = _subprocess([sys.executable, "-m", "hetpure_bench", *args])
     assert result.returncode == 0, result.stderr[-2000:]
     return result
 
 
 def _committed_batches(store):
-    if not store.exists():
-        return 0
-    with closing(sqlite3.connect(store, timeout=1)) as db:
-        try:
-            return db.execute("SELECT COUNT(*) FROM batches").fetchone()[0]
-        except sqlite3.OperationalError:  # tables not created yet
-            return 0
+    with closing(sqlite3.connect(store)) as db:
+        return db.execute("SELECT COUNT(*) FROM batches").fetchone()[0]
+
+
+def _devices(store):
+    """(rank, device label) of every committed batch."""
+    with closing(sqlite3.connect(store)) as db:
+        costs = [json.loads(c) for (c,) in db.execute("SELECT cost FROM batches")]
+    return {(c["rank"], c["device"]) for c in costs}
 
 
 def _samples(store):
@@ -76,18 +106,14 @@ def test_a_run_killed_after_its_first_batch_resumes_to_the_same_leaderboard(tmp_
     data, reference = uninterrupted
     out = tmp_path / "lb"
     store = out / "results.sqlite"
-    process = subprocess.Popen([sys.executable, "-m", "hetpure_bench", *_command(data, out)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
-    deadline = time.time() + 300
-    while _committed_batches(store) < 1 and process.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    killed_with = _committed_batches(store)
-    assert 1 <= killed_with < N_IMAGES, "the kill must land mid-run for this test to mean anything"
+    # 1 thread (the reference took 2): a resumed run may use another thread count.
+    killed = _subprocess([sys.executable, "-c", KILLED_BEFORE_SECOND_COMMIT, *_command(data, out, "--threads", "1")])
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert _committed_batches(store) == 1  # the second batch was computed, then lost with the process
 
-    result = _run(_command(data, out))
-    assert f"{killed_with} of {N_IMAGES} batches already in the store, computing the rest" in result.stdout
+    result = _run(_command(data, out, "--threads", "1"))
+    assert f"1 of {N_IMAGES} batches already in the store, computing the rest" in result.stdout
+    assert _devices(store) == {(0, "cpu (1 thread)")}
     assert _committed_batches(store) == N_IMAGES
     samples = _samples(store)
     assert len(samples) == 2 * N_IMAGES == len({(m, i) for m, i, _ in samples})  # none lost, none twice
@@ -107,14 +133,19 @@ def _torchrun():
 
 def test_torchrun_with_two_processes_matches_the_single_process_run(tmp_path, uninterrupted):
     torchrun = _torchrun()
+    if len(CORES) < 2:
+        pytest.skip("needs 2 cores")
     data, reference = uninterrupted
     out = tmp_path / "lb"
-    result = subprocess.run(
+    result = _subprocess(
         [torchrun, "--standalone", "--nproc_per_node=2", "-m", "hetpure_bench", *_command(data, out, "--device", "cpu")],
-        capture_output=True, text=True, timeout=600, env=_env(),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "[rank 1/2]" in result.stderr and "[rank 0/2]" in result.stderr  # both ranks computed batches
+    # 2 cores shared by 2 ranks: 1 thread each, where the single process took both cores; the
+    # per-image results do not depend on it.
+    assert _devices(out / "results.sqlite") == {(0, "cpu (1 thread)"), (1, "cpu (1 thread)")}
+    assert _devices(reference / "results.sqlite") == {(0, "cpu (2 threads)")}
     assert _samples(out / "results.sqlite") == _samples(reference / "results.sqlite")
     assert _examples(out / "results.sqlite") == _examples(reference / "results.sqlite")  # merged from the shards
     pd.testing.assert_frame_equal(_results_only(out), _results_only(reference))
