@@ -59,7 +59,7 @@ def test_modes_evaluated_together_share_passes_and_equal_each_mode_alone():
                                        modes, progress=False)
     modes = ["single", "vote:3", "worst:3", "expected:3"]
     together = run(modes)
-    assert len(calls) == 1 + 2 * 3  # the attack's one pass, then 3 passes each for clean and adversarial
+    assert len(calls) == 2 + 2 * 3  # the attack's step and its check of the example, then 3 passes each for clean and adversarial
     for mode in modes:
         pd.testing.assert_frame_equal(together[mode], run([mode])[mode])
     # All 3 passes right <=> worst-of-3 right.
@@ -242,8 +242,8 @@ def _tiny_runs(monkeypatch):
     x = torch.rand(6, 3, 8, 8, generator=g)
     data = _Images(x, classifier(x).argmax(1).detach(), torch.arange(6) * 3)
     monkeypatch.setattr(runner, "load", lambda spec, device, cache: runner.Loaded(data, classifier, diffusion))
-    calls, perturb = [], PGDEOT.perturb
-    monkeypatch.setattr(PGDEOT, "perturb", lambda self, *a, **k: calls.append(self) or perturb(self, *a, **k))
+    calls, perturb = [], PGDEOT.perturb_with_history
+    monkeypatch.setattr(PGDEOT, "perturb_with_history", lambda self, *a, **k: calls.append(self) or perturb(self, *a, **k))
     return calls
 
 
