@@ -313,6 +313,8 @@ def _report(row: dict, leaderboard_dir: Path, store_path: Path) -> None:
     )
     if row["robust_by_attack"] != "-":
         print(f"per attack (robust %): {row['robust_by_attack']}")
+    if row.get("attack_s_by_attack", "-") != "-":
+        print(f"attack seconds per attack: {row['attack_s_by_attack']}")
     if row["sanity"] not in ("ok", "not run"):
         print(f"WARNING: {row['defense']}: sanity check {row['sanity']}", file=sys.stderr)
     if convergence_warning(row):

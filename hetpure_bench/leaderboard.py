@@ -25,7 +25,7 @@ ACCURACY_COLUMNS = ["clean_acc", "clean_ci_low", "clean_ci_high", "robust_acc", 
                     "interval_method"]
 RESULT_COLUMNS = ACCURACY_COLUMNS + ["robust_by_attack", "sanity", "converged"]
 # What a row cost (measured, so never identical between two runs of the same setup).
-COST_COLUMNS = ["nfe", "wall_s", "images_per_s", "peak_mem_mib", "device"]
+COST_COLUMNS = ["nfe", "wall_s", "attack_s_by_attack", "images_per_s", "peak_mem_mib", "device"]
 COLUMNS = SETUP_COLUMNS + RESULT_COLUMNS + COST_COLUMNS
 
 # A headline row: one defense setup on one set of images, combining every attack row run on them.
@@ -39,12 +39,16 @@ def setup_key(row: dict) -> str:
     return "|".join(str(cell(row, column)) for column in SETUP_COLUMNS)
 
 
+# Columns newer than some stored rows, and what those rows show in them.
+LATER_COLUMNS = {"converged": "n/a", "attack_s_by_attack": "-"}
+
+
 def cell(row: dict, column: str):
     """A row's value in a column; rows stored before evaluation seeds existed used the run's seed,
-    rows stored before convergence histories were say "n/a"."""
+    rows stored before a LATER_COLUMNS column existed show its placeholder ("n/a", "-")."""
     if column == "eval_seed":
         return row.get("eval_seed", row["seed"])
-    return row.get("converged", "n/a") if column == "converged" else row[column]
+    return row.get(column, LATER_COLUMNS[column]) if column in LATER_COLUMNS else row[column]
 
 
 def leaderboard_stem(data_source: str, threat: str) -> str:
@@ -206,7 +210,9 @@ ROWS_NOTE = (
     "most one image over its last 25% of iterations, 'no' otherwise (more iterations may lower robust "
     "accuracy), 'n/a' for attacks that record no history. Cost: nfe = diffusion-network calls per "
     "purification; wall_s = seconds of attack + evaluation summed over batches (sanity checks "
-    "excluded); peak_mem_mib = peak process RSS on CPU, max allocated on CUDA.\n\n"
+    "excluded); attack_s_by_attack = each attack's own seconds summed over batches (what each member "
+    "of a suite cost; '-' for rows stored before attacks were timed one by one); peak_mem_mib = peak "
+    "process RSS on CPU, max allocated on CUDA.\n\n"
 )
 
 

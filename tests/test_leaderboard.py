@@ -59,7 +59,7 @@ def test_one_row_per_setup_the_newest_wins_grouped_by_defense(tmp_path):
         assert csv.loc[csv.defense == "hetpure", "robust_acc"].tolist() == [0.6]  # the rerun's numbers
         markdown = (tmp_path / "cifar10-jpeg-Linf.md").read_text()
         assert ("| hetpure | t_l=200 | c | d | cifar10-jpeg | Linf | 0.0313725 | PGD-EOT | full | single | 32 | 0 | 0 | "
-                "80.0 [-] | 60.0 [-] | - | - | ok | n/a | 10 | 11.0 | 2.67 | 900 | cpu (2 threads) |") in markdown  # no history: n/a
+                "80.0 [-] | 60.0 [-] | - | - | ok | n/a | 10 | 11.0 | - | 2.67 | 900 | cpu (2 threads) |") in markdown  # no history: n/a, no seconds per attack: -
         store.save_rows("999", {"single": _row(seed=1)})  # another seed is another setup
         write_leaderboards(store, tmp_path)
     assert len(pd.read_csv(written[0])) == 3
