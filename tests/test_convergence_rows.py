@@ -69,6 +69,21 @@ def test_stored_histories_round_trip_every_field():
     assert robust_counts(encode(history)) == history.robust_counts() == [2, 2, 1, 0]
 
 
+def test_stored_histories_keep_the_fields_an_attack_adds_numbers_included():
+    """DiffHammer's history adds per-record tensors (avg, wor) and one number (replay_deviation)."""
+    from hetpure_bench.attacks.diffhammer import DiffHammerHistory
+
+    robust = _history([3, 2, 1])
+    avg = torch.tensor([[0.0, 0.25, 0.5], [0.5, 0.25, 0.75], [0.5, 1.0, 0.75]])
+    history = DiffHammerHistory(robust=robust, best_loss=torch.zeros(3, 3), step_size=torch.ones(3, 3), avg=avg,
+                                wor=avg > 0, replay_deviation=2.5e-7)
+    fields = decode(encode(history))
+    assert sorted(fields) == ["avg", "best_loss", "replay_deviation", "robust", "step_size", "wor"]
+    assert (fields["avg"] == avg.numpy()).all() and fields["wor"].dtype == bool and (fields["wor"] == (avg > 0).numpy()).all()
+    assert fields["replay_deviation"].shape == () and float(fields["replay_deviation"]) == pytest.approx(2.5e-7)
+    assert robust_counts(encode(history)) == [3, 2, 1]
+
+
 def test_counts_are_summed_record_by_record_and_a_shorter_history_keeps_its_last_count():
     assert combined_counts([[3, 2, 2, 2], [3, 3, 1, 1]]) == [6, 5, 3, 3]
     assert combined_counts([[3, 2, 2, 2], [3, 1]]) == [6, 3, 3, 3]
