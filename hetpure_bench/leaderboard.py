@@ -23,7 +23,9 @@ SETUP_COLUMNS = [
 INTERVAL_COLUMNS = ["clean_ci_low", "clean_ci_high", "robust_ci_low", "robust_ci_high", "interval_method"]
 ACCURACY_COLUMNS = ["clean_acc", "clean_ci_low", "clean_ci_high", "robust_acc", "robust_ci_low", "robust_ci_high",
                     "interval_method"]
-RESULT_COLUMNS = ACCURACY_COLUMNS + ["robust_by_attack", "sanity", "converged"]
+# DiffHammer's own N-evaluation (n_evaluation.py), "-" for rows without DiffHammer.
+N_EVALUATION_COLUMNS = ["diffhammer_avg", "diffhammer_wor"]
+RESULT_COLUMNS = ACCURACY_COLUMNS + ["robust_by_attack"] + N_EVALUATION_COLUMNS + ["sanity", "converged"]
 # What a row cost (measured, so never identical between two runs of the same setup).
 COST_COLUMNS = ["nfe", "wall_s", "attack_s_by_attack", "images_per_s", "peak_mem_mib", "device"]
 COLUMNS = SETUP_COLUMNS + RESULT_COLUMNS + COST_COLUMNS
@@ -40,7 +42,7 @@ def setup_key(row: dict) -> str:
 
 
 # Columns newer than some stored rows, and what those rows show in them.
-LATER_COLUMNS = {"converged": "n/a", "attack_s_by_attack": "-"}
+LATER_COLUMNS = {"converged": "n/a", "attack_s_by_attack": "-", "diffhammer_avg": "-", "diffhammer_wor": "-"}
 
 
 def cell(row: dict, column: str):
@@ -204,7 +206,12 @@ ROWS_NOTE = (
     "Each row's setup is spelled out in its columns; rows with different data, attack, gradient "
     "mode or evaluation mode are not comparable. Grouped by defense (alphabetical), within a defense "
     "the strongest attack (lowest robust accuracy) first. robust_acc is the per-image worst case over "
-    "the attacks of a row (robust_by_attack lists each one's own). A row whose sanity cell is not 'ok' "
+    "the attacks of a row (robust_by_attack lists each one's own). diffhammer_avg and diffhammer_wor "
+    "(in %, with their 95% intervals; '-' for rows without DiffHammer) are DiffHammer's own N-evaluation, "
+    "made while attacking under the attack's noise (N purifications of every iterate it evaluated): "
+    "'Avg' counts an image by 1 - the highest fraction of misclassified purifications of one iterate, "
+    "'Wor' as robust only if no purification of any iterate was misclassified; robust_acc is the "
+    "returned example judged again under fresh evaluation noise. A row whose sanity cell is not 'ok' "
     "failed a sanity check (gradient masking or a broken evaluation is possible): do not trust its "
     "robust accuracy. converged: 'yes' when the robust count of each attack's own check moved by at "
     "most one image over its last 25% of iterations, 'no' otherwise (more iterations may lower robust "

@@ -32,6 +32,7 @@ from .diffusion.zoo import DIFFUSION_MODELS, load_diffusion_model
 from .errors import UserError
 from .distributed import Ranks, all_gather, barrier, gather_to_main
 from .evaluation import judged_labels, outcomes, parse_evaluation_mode, purification_passes
+from .n_evaluation import n_evaluation_fields
 from .noise import image_seeds
 from .peak_memory import PeakMemory
 from .sanity import SanityConfig, run_sanity_checks, summarise
@@ -523,7 +524,8 @@ def finish_rows(key, setup, store, loaded, defense, target, attacks, spec, devic
 def make_row(setup: dict, mode: str, per_image: pd.DataFrame, costs: list[dict], checks: list[dict],
              sanity_wall: float, nfe: int, attacks: list[Attack], histories: list[dict[int, bytes]] = ()) -> dict:
     """One leaderboard row: the setup's labels, the accuracies, the attacks' convergence
-    evidence (from ``histories``: per batch, attack index -> stored history) and what the row cost."""
+    evidence and DiffHammer's own N-evaluation (from ``histories``: per batch, attack index ->
+    stored history) and what the row cost."""
     # What this row would cost alone: the (shared) attack plus its own evaluation, summed over
     # batches (device-seconds: in a sharded run, the sum over the ranks).
     wall = sum(c["attack_s"] + c["eval_s"][mode] for c in costs)
@@ -535,6 +537,7 @@ def make_row(setup: dict, mode: str, per_image: pd.DataFrame, costs: list[dict],
         "evaluation": mode,
         **accuracy_fields(per_image),
         "robust_by_attack": robust_by_attack(per_image, attacks),
+        **n_evaluation_fields(histories, attacks),
         "nfe": nfe,
         "wall_s": round(wall, 2),
         "attack_s_by_attack": attack_seconds(costs, attacks),
