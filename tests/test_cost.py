@@ -11,6 +11,7 @@ from hetpure_bench.cost import PassTimes, estimate, forward_queries, gradient_ev
 def test_gradient_evaluations_per_attack():
     assert gradient_evaluations(PGDEOT(steps=200, eot=20)) == 4000
     assert forward_queries(PGDEOT(steps=200, eot=20)) == 20  # the returned iterate's check
+    assert forward_queries(PGDEOT(steps=0, eot=20)) == 0  # no step, nothing to check
     assert gradient_evaluations(APGDEOT(steps=100, eot=20, restarts=2)) == 2 * 101 * 20
     assert gradient_evaluations(AutoAttackSuite(version="rand")) == 2 * 100 * 20
     assert gradient_evaluations(AutoAttackSuite(version="standard")) == 100 * (1 + 2 * 9)

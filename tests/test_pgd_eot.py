@@ -154,5 +154,13 @@ def test_the_own_check_needs_more_than_half_the_copies_correct():
     x = torch.rand(3, 1, 2, 2) + 0.1
     _, history = PGDEOT(eps=0.01, steps=2, eot=2).perturb_with_history(HalfWrong(), x, torch.zeros(3, dtype=torch.long))
     assert history.robust.shape == (3, 3) and not history.robust.any()  # one of two copies is no majority
-    _, history = PGDEOT(eps=0.01, steps=0, eot=1).perturb_with_history(HalfWrong(), x, torch.zeros(3, dtype=torch.long))
-    assert history.robust.shape == (1, 3)  # no step: the check of the returned image alone
+
+
+def test_no_step_makes_no_model_call_and_records_nothing():
+    class Refusing(nn.Module):
+        def forward(self, x):
+            raise AssertionError("called")
+
+    x = torch.rand(3, 1, 2, 2)
+    x_adv, history = PGDEOT(eps=0.01, steps=0, eot=2).perturb_with_history(Refusing(), x, torch.zeros(3, dtype=torch.long))
+    assert torch.equal(x_adv, x) and history is None

@@ -11,7 +11,8 @@ iterate is checked by one more, forward-only pass of its EOT copies after the la
 purifications per image; the examples stay those of the plain loop). Since the last iterate is
 returned, a record's "best iterate so far" is that record's iterate: ``robust`` is the attack's
 own check of it (more than half its EOT copies classified correctly, as APGD-EOT's),
-``best_loss`` its cross-entropy averaged over the copies, ``step_size`` the constant step.
+``best_loss`` its cross-entropy averaged over the copies, ``step_size`` the constant step. With
+no step there is nothing to check: no model call, no history.
 """
 
 from __future__ import annotations
@@ -76,14 +77,16 @@ class PGDEOT(Attack):
 
     def perturb_with_history(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, progress: bool = False,
-    ) -> tuple[torch.Tensor, AttackHistory]:
+    ) -> tuple[torch.Tensor, AttackHistory | None]:
         """The adversarial examples (the last iterate) and the check of every iterate, the
-        returned one last (``steps + 1`` records)."""
+        returned one last (``steps + 1`` records; None for 0 steps)."""
         x = x.detach()
         x_adv = x.clone()
         if self.random_start and self.eps > 0:
             generator = torch.Generator(x.device).manual_seed(self.seed)
             x_adv = project(x + uniform_in_ball(x, self.norm, self.eps, generator), x, self.norm, self.eps)
+        if self.steps == 0:
+            return x_adv.detach(), None
         records = []
         for i in tqdm(range(self.steps + 1), desc="PGD-EOT", leave=False, disable=not progress):
             loss, grad, robust = self.eot_pass(model, x_adv, y, gradient=i < self.steps)
