@@ -142,18 +142,26 @@ def test_the_history_is_the_check_of_every_iterate_on_a_linear_model():
     assert torch.equal(history.robust[-1], model(x_adv).argmax(1) == y)  # the last record is the returned iterate
 
 
-def test_the_own_check_needs_more_than_half_the_copies_correct():
-    class HalfWrong(nn.Module):
-        """Copy 0 of every image classified correctly (class 0), copy 1 not."""
+class FirstCopiesRight(nn.Module):
+    """Of the EOT copies of each of ``images`` images (row copy * images + image), the first
+    ``right`` are classified right (class 0), the others not."""
 
-        def forward(self, x):
-            first = torch.arange(len(x)) < len(x) // 2
-            score = x.flatten(1).sum(1)
-            return torch.stack([torch.where(first, score, -score), torch.where(first, -score, score)], 1)
+    def __init__(self, images: int, right: int):
+        super().__init__()
+        self.images, self.right = images, right
 
-    x = torch.rand(3, 1, 2, 2) + 0.1
-    _, history = PGDEOT(eps=0.01, steps=2, eot=2).perturb_with_history(HalfWrong(), x, torch.zeros(3, dtype=torch.long))
-    assert history.robust.shape == (3, 3) and not history.robust.any()  # one of two copies is no majority
+    def forward(self, x):
+        score = x.flatten(1).sum(1) + 1
+        signed = torch.where(torch.arange(len(x)) // self.images < self.right, score, -score)
+        return torch.stack([signed, -signed], 1)
+
+
+@pytest.mark.parametrize("right, robust", [(2, False), (3, True)])
+def test_the_own_check_needs_more_than_half_the_copies_correct(right, robust):
+    x = torch.rand(3, 1, 2, 2)
+    attack = PGDEOT(eps=0.01, steps=2, eot=4)
+    _, history = attack.perturb_with_history(FirstCopiesRight(3, right), x, torch.zeros(3, dtype=torch.long))
+    assert history.robust.shape == (3, 3) and (history.robust == robust).all()  # 2 of 4 is no majority, 3 is
 
 
 def test_no_step_makes_no_model_call_and_records_nothing():
