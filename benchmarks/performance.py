@@ -33,7 +33,6 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from hetpure_bench.atomic import write_text_atomic
 from hetpure_bench.classifiers import load_classifier
 from hetpure_bench.data import load_cifar10
 from hetpure_bench.defenses import build_defense
@@ -42,6 +41,7 @@ from hetpure_bench.diffusion.zoo import load_diffusion_model
 from hetpure_bench.leaderboard import markdown_table
 from hetpure_bench.peak_memory import PeakMemory, current_rss_bytes, peak_tensor_bytes
 from hetpure_bench.runner import device_name
+from report_section import write_section  # benchmarks/ is on sys.path when a script here runs
 
 ROOT = Path(__file__).resolve().parents[1]
 READING = """
@@ -311,7 +311,7 @@ def main() -> None:
             markdown_table(pd.DataFrame(option_figures(args, device, classifier, diffusion, x, y),
                                         columns=["option", "speed-up", "time", "what it changes in the numbers"])),
         ]
-    write_text_atomic(Path(args.out), "\n".join(lines) + "\n")
+    write_section(Path(args.out), "M8", "\n".join(lines))  # P7, P9 and P5 (fresh clone) are other scripts' sections
     print("\n".join(lines))
 
 

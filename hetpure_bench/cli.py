@@ -368,7 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "stored by a run of the same setup again under new noise, without attacking")
     p.add_argument("--threat", choices=["Linf", "L2"])
     p.add_argument("--eps", help="attack budget, e.g. 8/255 (Linf) or 0.5 (L2)")
-    p.add_argument("--attack", help="pgd-eot, apgd-eot, diffattack, autoattack, torchattacks or suite (default: the preset's); "
+    p.add_argument("--attack", help="pgd-eot, apgd-eot, diffattack, diffhammer, autoattack, torchattacks, suite, or hetpure's "
+                   "adaptive attacks mask-aware-apgd (through the relaxed attention mask), mask-avoiding-apgd (perturbs "
+                   "off the mask only) and hetpure-adaptive (their suite with plain APGD-EOT) (default: the preset's); "
                    "the preset's settings for that attack apply")
     p.add_argument("--attack-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="attack setting, e.g. version=rand (autoattack) or attack=CW (torchattacks); repeatable")

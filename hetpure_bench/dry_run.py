@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attacks import attack_label, is_suite, mask_temperature
+from .attacks import attack_label, mask_temperature, suite_name
 from .attacks.gradients import parse_gradient_mode
 from .classifiers import classifier_entry
 from .cost import PassTimes, estimate, measure_passes
@@ -63,7 +63,7 @@ def print_estimates(specs: list[RunSpec]) -> None:
         defense = placeholder_defense(spec)
         attacks, skipped = row_attacks(spec, defense)
         nfe, surrogate_nfe = _defense_nfe(spec, defense)
-        label = attack_label(attacks, mask_temperature(spec.attack), is_suite(spec.attack), skipped)
+        label = attack_label(attacks, mask_temperature(spec.attack), suite_name(spec.attack), skipped)
         for mode in evaluation_modes(spec):
             cost = estimate(attacks, nfe, spec.gradient, mode, spec.n_images, timings[key], surrogate_nfe)
             print(f"| {spec.defense} | {key[1]} | {nfe} | {label} | {spec.gradient} | {mode} | "

@@ -19,7 +19,7 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
-from .attacks import applicable, attack_label, build_attacks, is_suite, mask_temperature
+from .attacks import applicable, attack_label, build_attacks, mask_temperature, suite_name
 from .attacks.base import Attack
 from .attacks.convergence import combined_counts, converged, tail_change
 from .attacks.gradients import attack_model, check_mask_aware, parse_gradient_mode
@@ -370,7 +370,7 @@ def setup_record(
         "image_indices_sha256": hashlib.sha256(loaded.data.index.numpy().tobytes()).hexdigest(),
         "threat": spec.threat,
         "eps": f"{spec.eps:.6g}",
-        "attack": attack_label(attacks, mask_temperature(spec.attack), is_suite(spec.attack), skipped),
+        "attack": attack_label(attacks, mask_temperature(spec.attack), suite_name(spec.attack), skipped),
         "attack_settings": spec.attack,
         "gradient_mode": spec.gradient,
         "evaluation_modes": evaluation_modes(spec),

@@ -89,8 +89,8 @@ def test_bad_suite_settings_are_one_line_errors(settings, message):
 def test_a_suite_label_wraps_its_members_and_the_others_stay_as_they_were():
     pgd, apgd = _build({"name": "pgd-eot"}) + _build({"name": "apgd-eot"})
     assert attack_label([pgd, apgd], 0.05) == f"{pgd.name} + {apgd.name} + mask-aware(T=0.05)"  # not a suite
-    assert attack_label([pgd, apgd], None, suite=True) == f"suite({pgd.name} + {apgd.name})"
-    assert attack_label([apgd], 0.05, True, [pgd]) == f"suite({apgd.name}; skipped, not applicable: {pgd.name}) + mask-aware(T=0.05)"
+    assert attack_label([pgd, apgd], None, suite="suite") == f"suite({pgd.name} + {apgd.name})"
+    assert attack_label([apgd], 0.05, "suite", [pgd]) == f"suite({apgd.name}; skipped, not applicable: {pgd.name}) + mask-aware(T=0.05)"
 
 
 @dataclass(frozen=True)

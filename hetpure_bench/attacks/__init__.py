@@ -3,6 +3,7 @@ settings), the suite of attacks, and how a row's attack is named."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
@@ -12,6 +13,7 @@ from .autoattack import build_autoattack
 from .base import Attack
 from .diffattack import DiffAttack
 from .diffhammer import DiffHammer
+from .mask_attacks import MaskAvoidingAPGD, MaskAwareAPGD
 from .pgd_eot import PGDEOT
 from .torchattacks_adapter import TorchAttack
 
@@ -35,6 +37,16 @@ ATTACKS.register(
     "the representative's exact trajectory; losses, steps, purifications, restart_threshold, rho, random_start",
 )
 ATTACKS.register(
+    "mask-aware-apgd", lambda **kw: [MaskAwareAPGD(**kw)],
+    summary="APGD-EOT through a straight-through sigmoid relaxation of the defense's attention mask (hetpure): "
+            "temperature (0.05) or anneal [T_start, T_end] (geometric per restart); APGD-EOT's settings",
+)
+ATTACKS.register(
+    "mask-avoiding-apgd", lambda **kw: [MaskAvoidingAPGD(**kw)],
+    summary="APGD-EOT whose every step leaves the attention mask (strong noise) of the iterate it starts from "
+            "untouched, so the perturbation sits in the weak-noise region (hetpure); APGD-EOT's settings",
+)
+ATTACKS.register(
     "autoattack", build_autoattack,
     summary="AutoAttack via pyautoattack: version standard, rand, or standard+rand (per-image worst of both)",
 )
@@ -53,6 +65,17 @@ DEFAULT_SUITE = (
     {"name": "apgd-eot", "loss": "ce"},
     {"name": "diffattack"},
 )
+# The members of `--attack hetpure-adaptive`: plain APGD-EOT and the mask attacks (mask_attacks.py)
+# at a temperature sweep and annealed, sized like the suite's (per attack name).
+HETPURE_ADAPTIVE = (
+    {"name": "apgd-eot", "loss": "margin"},
+    {"name": "mask-aware-apgd", "temperature": 0.01},
+    {"name": "mask-aware-apgd", "temperature": 0.05},
+    {"name": "mask-aware-apgd", "temperature": 0.2},
+    {"name": "mask-aware-apgd", "anneal": (0.5, 0.01)},
+    {"name": "mask-avoiding-apgd"},
+)
+SUITES = ("suite", "hetpure-adaptive")  # attacks whose settings are members' (build_suite)
 
 
 def build_attacks(settings: dict[str, Any], norm: str, eps: float, seed: int) -> list[Attack]:
@@ -77,8 +100,9 @@ def build_suite(norm: str, eps: float, seed: int, members=DEFAULT_SUITE, **setti
         raise UserError(f"suite members must be a non-empty list of attack settings, got {members!r}")
     attacks = []
     for member in members:
-        if not isinstance(member, dict) or member.get("name") in (None, "suite"):
-            raise UserError(f"a suite member must be an attack's settings with its name (not 'suite'), got {member!r}")
+        if not isinstance(member, dict) or member.get("name") in (None, *SUITES):
+            raise UserError(f"a suite member must be an attack's settings with its name (not 'suite' or "
+                            f"'hetpure-adaptive'), got {member!r}")
         merged = {**(per_name.get(member["name"]) or {}), **member, **common}
         if "mask_aware" in merged:
             raise UserError("mask_aware applies to a whole suite (attack settings), not to one member")
@@ -91,6 +115,11 @@ ATTACKS.register(
     summary="per-image worst case over a set of attacks (default: APGD-EOT margin and ce), each one's own accuracy "
     "in robust_by_attack; members that do not apply to the defense are skipped and named",
 )
+ATTACKS.register(
+    "hetpure-adaptive", partial(build_suite, members=HETPURE_ADAPTIVE),
+    summary="the suite of hetpure's adaptive attacks: APGD-EOT margin, mask-aware-apgd at T 0.01, 0.05, 0.2 and "
+    "annealed 0.5 to 0.01, mask-avoiding-apgd; per-image worst case, each one's accuracy in robust_by_attack",
+)
 
 
 def applicable(attacks: list[Attack], settings: dict[str, Any], defense: "Defense", gradient: str) -> tuple[list[Attack], list[Attack]]:
@@ -101,7 +130,7 @@ def applicable(attacks: list[Attack], settings: dict[str, Any], defense: "Defens
     kept = [a for a, fit in zip(attacks, fits) if fit]
     skipped = [a for a, fit in zip(attacks, fits) if not fit]
     where = f"defense {defense.name!r} with {gradient} gradients"
-    if skipped and not is_suite(settings):
+    if skipped and suite_name(settings) is None:
         skipped[0].check_target(gradient, defense)  # raises the attack's own one-line reason
     if not kept:
         raise UserError(f"no member of the suite applies to {where} ({' + '.join(a.name for a in skipped)})")
@@ -122,14 +151,16 @@ def mask_temperature(settings: dict[str, Any]) -> float | None:
     return temperature
 
 
-def attack_label(attacks: list[Attack], temperature: float | None, suite: bool = False, skipped: list[Attack] = ()) -> str:
-    """The row's attack: the attacks' names joined by " + " (a suite's in ``suite(...)``, with
-    the members it skipped), and the mask-aware option."""
+def attack_label(attacks: list[Attack], temperature: float | None, suite: str | None = None, skipped: list[Attack] = ()) -> str:
+    """The row's attack: the attacks' names joined by " + " (a suite's in ``suite(...)`` or
+    ``hetpure-adaptive(...)``, the suite's name, with the members it skipped), and the mask-aware option."""
     label = " + ".join(attack.name for attack in attacks)
-    if suite:
-        label = f"suite({label}" + (f"; skipped, not applicable: {' + '.join(a.name for a in skipped)}" if skipped else "") + ")"
+    if suite is not None:
+        label = f"{suite}({label}" + (f"; skipped, not applicable: {' + '.join(a.name for a in skipped)}" if skipped else "") + ")"
     return label + (f" + mask-aware(T={temperature:g})" if temperature is not None else "")
 
 
-def is_suite(settings: dict[str, Any]) -> bool:
-    return settings.get("name") == "suite"
+def suite_name(settings: dict[str, Any]) -> str | None:
+    """The suite's name when the row's attack is one (SUITES), else None."""
+    name = settings.get("name")
+    return name if name in SUITES else None

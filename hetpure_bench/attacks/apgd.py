@@ -142,9 +142,13 @@ class APGDEOT(Attack):
 
     @property
     def name(self) -> str:
+        return f"APGD-EOT({', '.join(self.name_fields())})"
+
+    def name_fields(self) -> list[str]:
+        """The settings a row's label states (an attack built on this one adds its own)."""
         restarts = f"{self.restarts} restart" + ("s" if self.restarts > 1 else "")
-        rho = f", rho {self.rho:g}" if self.rho != 0.75 else ""
-        return f"APGD-EOT({self.norm}, {self.loss}, {self.steps} iter, EOT {self.eot}, {restarts}{rho})"
+        rho = [f"rho {self.rho:g}"] if self.rho != 0.75 else []
+        return [self.norm, self.loss, f"{self.steps} iter", f"EOT {self.eot}", restarts, *rho]
 
     def copy_loss(self, model: nn.Module, copies: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The loss per row of the batched EOT copies ([0,1] images) and their logits (the
@@ -163,6 +167,13 @@ class APGDEOT(Attack):
         grad, = torch.autograd.grad(loss.sum(), x_adv)
         correct = (logits.detach().argmax(1) == labels).view(self.eot, -1).float().mean(0) > 0.5
         return loss.detach(), grad.detach(), correct
+
+    def constrain(self, model: nn.Module, x_from: torch.Tensor, x_next: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Where the attack lets an iterate go: ``x_next`` (already in the ball and the box),
+        reached from the iterate ``x_from`` (the clean images ``x`` for a restart's start point).
+        APGD's feasible set is the whole ball; an attack with a narrower one
+        (MaskAvoidingAPGD) projects onto it here."""
+        return x_next
 
     def step(self, x_adv, x_prev, grad, step_size, x, momentum: float) -> torch.Tensor:
         """The next iterate: a projected step from ``x_adv``, then mixed with the last move."""
@@ -209,13 +220,13 @@ class APGDEOT(Attack):
         pass's checkpoint decision."""
         if start is None:
             start = x + uniform_in_ball(x, self.norm, self.eps, generator)
-        x_adv = project(start.detach(), x, self.norm, self.eps)
+        x_adv = self.constrain(model, x, project(start.detach(), x, self.norm, self.eps), x)
         loss, grad, robust = self.eot_pass(model, x_adv, y)
         schedule = StepSizeSchedule.start(x_adv, loss, grad, self.eps, self.steps, self.rho)
         x_prev = x_adv
         for i in range(self.steps + 1):
             if i > 0:
-                x_next = self.step(x_adv, x_prev, grad, schedule.step_size, x, MOMENTUM if i > 1 else 1.0)
+                x_next = self.constrain(model, x_adv, self.step(x_adv, x_prev, grad, schedule.step_size, x, MOMENTUM if i > 1 else 1.0), x)
                 x_prev, x_adv, last_loss = x_adv, x_next, loss
                 loss, grad, robust = self.eot_pass(model, x_adv, y)
                 schedule.observe(x_adv, loss, grad, last_loss)

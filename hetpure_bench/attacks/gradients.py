@@ -52,6 +52,15 @@ def check_mask_aware(mode: str, defense_name: str, config: Any) -> None:
         raise UserError(f"defense {defense_name!r} has no attention mask for the mask-aware attack")
 
 
+def check_attention_mask(mode: str, defense: Defense, attack: str) -> None:
+    """The mask attacks (mask-aware-apgd, mask-avoiding-apgd) need the defense's attention mask
+    (``Defense.has_attention_mask``) and gradients through the purifier."""
+    if parse_gradient_mode(mode)[0] == "bpda":
+        raise UserError(f"{attack} needs gradients through the purifier: use gradient 'full' or 'surrogate:K'")
+    if not (isinstance(defense, Defense) and defense.has_attention_mask):
+        raise UserError(f"defense {getattr(defense, 'name', type(defense).__name__)!r} has no attention mask: {attack} attacks one")
+
+
 def check_deviation_states(mode: str, defense: Defense | type[Defense]) -> None:
     """DiffAttack needs gradients through the purifier and its reverse-process states."""
     if parse_gradient_mode(mode)[0] == "bpda":

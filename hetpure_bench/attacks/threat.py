@@ -37,6 +37,14 @@ def project(x_adv: torch.Tensor, x: torch.Tensor, norm: str, eps: float) -> torc
     return (x + delta).clamp(0, 1)
 
 
+def mask_avoiding_projection(x_adv: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
+    """Onto the perturbations of the [0,1] images ``x`` that leave the pixels where ``mask``
+    ((B, 1, H, W) or broadcastable, {0,1}) is 1 untouched, within the eps-ball and the [0,1]
+    box: the perturbation zeroed there, then ``project`` (which only shrinks a perturbation
+    per pixel, so the zeros stay zero)."""
+    return project(x + (x_adv - x) * (1 - mask), x, norm, eps)
+
+
 def uniform_in_ball(x: torch.Tensor, norm: str, eps: float, generator: torch.Generator) -> torch.Tensor:
     """A random perturbation shaped like ``x``, uniform in the eps-ball of each image: Linf the
     cube; L2 a Gaussian direction at radius eps * U^(1/d), the law of the ball's volume (in

@@ -14,6 +14,11 @@ A defense is an ``nn.Module`` around a classifier and (usually) a diffusion mode
 - ``deviation_states(x01)`` (optional; DiffAttack's hook): the purified images together with the
   reverse-process states of the same pass and the forward noise (``DeviationStates``); a defense
   without such states keeps the default, a one-line refusal.
+- ``attention_mask(x01)`` (optional; the mask-aware and mask-avoiding attacks' hook): the
+  detached {0,1} attention mask (B, 1, H, W) the defense computes on its input, 1 where the
+  noise is strong; ``has_attention_mask`` says whether there is one, ``with_mask_gradient(T)``
+  gives the defense with a differentiable (straight-through) mask. A defense without one keeps
+  the defaults: False, and one-line refusals.
 - ``drawing_noise_from(streams)``: within the block, noise comes from other streams (noise.py:
   a subset of the images' streams, or a replay of one copy of an earlier batch), so that an
   attack can purify some images only, or recompute one purification exactly (DiffHammer).
@@ -88,6 +93,21 @@ class Defense(nn.Module):
         loss compares (see ``DeviationStates``). Only for defenses whose prediction is
         ``classifier(purify(x01))``; the default refuses in one line."""
         raise UserError(f"defense {self.name!r} exposes no reverse-process states: diffattack needs them")
+
+    @property
+    def has_attention_mask(self) -> bool:
+        """Whether ``attention_mask`` and ``with_mask_gradient`` answer (a configured classifier-attention mask)."""
+        return False
+
+    def attention_mask(self, x01: torch.Tensor) -> torch.Tensor:
+        """The detached {0,1} attention mask (B, 1, H, W) of the [0,1] images ``x01`` that the
+        defense's purification uses (1: strong noise); the default refuses in one line."""
+        raise UserError(f"defense {self.name!r} has no attention mask")
+
+    def with_mask_gradient(self, temperature: float) -> "Defense":
+        """The same defense with a straight-through differentiable attention mask (sigmoid
+        temperature ``temperature``); the default refuses in one line."""
+        raise UserError(f"defense {self.name!r} has no attention mask to attack")
 
     def replace(self, **changes: Any) -> "Defense":
         """The same defense (same networks and seed) with some configuration fields changed."""

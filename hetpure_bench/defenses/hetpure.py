@@ -108,10 +108,22 @@ class HeterogeneousPurifier(Defense):
         self.mask_temperature: float | None = None  # set only for the mask-aware attack
         self._last_attention: tuple[torch.Tensor, torch.Tensor] | None = None  # (input, its mask)
 
+    @property
+    def has_attention_mask(self) -> bool:
+        return self.config.mask_mode == "attention"
+
+    def attention_mask(self, x01: torch.Tensor) -> torch.Tensor:
+        """The detached attention mask (B, 1, H, W) of [0,1] images, the very one ``purify`` uses
+        (mask_mode attention only; the other modes' masks are not the classifier's attention)."""
+        if not self.has_attention_mask:
+            raise UserError(f"defense {self.name!r} uses mask_mode={self.config.mask_mode!r}: no attention mask")
+        with torch.no_grad():
+            return self._attention(x01)
+
     def with_mask_gradient(self, temperature: float) -> "HeterogeneousPurifier":
         """The same defense with a straight-through differentiable mask (the mask-aware
         adaptive attack differentiates this; the evaluated defense keeps the detached mask)."""
-        if self.config.mask_mode != "attention":
+        if not self.has_attention_mask:
             raise UserError(f"defense {self.name!r} uses mask_mode={self.config.mask_mode!r}: no attention mask to attack")
         if not temperature > 0:
             raise UserError(f"the mask temperature must be > 0, got {temperature}")
