@@ -298,6 +298,7 @@ def _image_grid(args: argparse.Namespace, path: Path) -> None:
 
 def _report(row: dict, leaderboard_dir: Path, store_path: Path) -> None:
     from .accuracy_cells import accuracy_cell
+    from .n_evaluation import n_evaluation_lines
     from .runner import convergence_warning
 
     print(
@@ -313,6 +314,10 @@ def _report(row: dict, leaderboard_dir: Path, store_path: Path) -> None:
     )
     if row["robust_by_attack"] != "-":
         print(f"per attack (robust %): {row['robust_by_attack']}")
+    for line in n_evaluation_lines(row):
+        print(line)
+    if row.get("attack_s_by_attack", "-") != "-":
+        print(f"attack seconds per attack: {row['attack_s_by_attack']}")
     if row["sanity"] not in ("ok", "not run"):
         print(f"WARNING: {row['defense']}: sanity check {row['sanity']}", file=sys.stderr)
     if convergence_warning(row):

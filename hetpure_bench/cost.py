@@ -47,11 +47,13 @@ def gradient_evaluations(attack: Attack) -> int:
 
 
 def forward_queries(attack: Attack) -> int:
-    """Forward-only passes per image (AutoAttack standard's Square attack; DiffHammer's N
-    purifications of the clean image and of every iterate, each with a classifier backprop that
-    counts here as a classifier forward)."""
+    """Forward-only passes per image (AutoAttack standard's Square attack; PGD-EOT's check of the
+    returned iterate, its EOT copies, after a step at least; DiffHammer's N purifications of the clean image and of every
+    iterate, each with a classifier backprop that counts here as a classifier forward)."""
     if isinstance(attack, AutoAttackSuite) and attack.version == "standard":
         return attack.square_queries
+    if isinstance(attack, PGDEOT):
+        return attack.eot if attack.steps else 0
     if isinstance(attack, DiffHammer):
         return attack.purifications * (1 + len(attack.losses) * (attack.steps + 1))
     return 0

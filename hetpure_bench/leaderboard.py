@@ -23,9 +23,11 @@ SETUP_COLUMNS = [
 INTERVAL_COLUMNS = ["clean_ci_low", "clean_ci_high", "robust_ci_low", "robust_ci_high", "interval_method"]
 ACCURACY_COLUMNS = ["clean_acc", "clean_ci_low", "clean_ci_high", "robust_acc", "robust_ci_low", "robust_ci_high",
                     "interval_method"]
-RESULT_COLUMNS = ACCURACY_COLUMNS + ["robust_by_attack", "sanity", "converged"]
+# DiffHammer's own N-evaluation (n_evaluation.py), "-" for rows without DiffHammer.
+N_EVALUATION_COLUMNS = ["diffhammer_avg", "diffhammer_wor"]
+RESULT_COLUMNS = ACCURACY_COLUMNS + ["robust_by_attack"] + N_EVALUATION_COLUMNS + ["sanity", "converged"]
 # What a row cost (measured, so never identical between two runs of the same setup).
-COST_COLUMNS = ["nfe", "wall_s", "images_per_s", "peak_mem_mib", "device"]
+COST_COLUMNS = ["nfe", "wall_s", "attack_s_by_attack", "images_per_s", "peak_mem_mib", "device"]
 COLUMNS = SETUP_COLUMNS + RESULT_COLUMNS + COST_COLUMNS
 
 # A headline row: one defense setup on one set of images, combining every attack row run on them.
@@ -39,12 +41,16 @@ def setup_key(row: dict) -> str:
     return "|".join(str(cell(row, column)) for column in SETUP_COLUMNS)
 
 
+# Columns newer than some stored rows, and what those rows show in them.
+LATER_COLUMNS = {"converged": "n/a", "attack_s_by_attack": "-", "diffhammer_avg": "-", "diffhammer_wor": "-"}
+
+
 def cell(row: dict, column: str):
     """A row's value in a column; rows stored before evaluation seeds existed used the run's seed,
-    rows stored before convergence histories were say "n/a"."""
+    rows stored before a LATER_COLUMNS column existed show its placeholder ("n/a", "-")."""
     if column == "eval_seed":
         return row.get("eval_seed", row["seed"])
-    return row.get("converged", "n/a") if column == "converged" else row[column]
+    return row.get(column, LATER_COLUMNS[column]) if column in LATER_COLUMNS else row[column]
 
 
 def leaderboard_stem(data_source: str, threat: str) -> str:
@@ -200,13 +206,20 @@ ROWS_NOTE = (
     "Each row's setup is spelled out in its columns; rows with different data, attack, gradient "
     "mode or evaluation mode are not comparable. Grouped by defense (alphabetical), within a defense "
     "the strongest attack (lowest robust accuracy) first. robust_acc is the per-image worst case over "
-    "the attacks of a row (robust_by_attack lists each one's own). A row whose sanity cell is not 'ok' "
+    "the attacks of a row (robust_by_attack lists each one's own). diffhammer_avg and diffhammer_wor "
+    "(in %, with their 95% intervals; '-' for rows without DiffHammer) are DiffHammer's own N-evaluation, "
+    "made while attacking under the attack's noise (N purifications of every iterate it evaluated): "
+    "'Avg' counts an image by 1 - the highest fraction of misclassified purifications of one iterate, "
+    "'Wor' as robust only if no purification of any iterate was misclassified; robust_acc is the "
+    "returned example judged again under fresh evaluation noise. A row whose sanity cell is not 'ok' "
     "failed a sanity check (gradient masking or a broken evaluation is possible): do not trust its "
     "robust accuracy. converged: 'yes' when the robust count of each attack's own check moved by at "
     "most one image over its last 25% of iterations, 'no' otherwise (more iterations may lower robust "
     "accuracy), 'n/a' for attacks that record no history. Cost: nfe = diffusion-network calls per "
     "purification; wall_s = seconds of attack + evaluation summed over batches (sanity checks "
-    "excluded); peak_mem_mib = peak process RSS on CPU, max allocated on CUDA.\n\n"
+    "excluded); attack_s_by_attack = each attack's own seconds summed over batches (what each member "
+    "of a suite cost; '-' for rows stored before attacks were timed one by one); peak_mem_mib = peak "
+    "process RSS on CPU, max allocated on CUDA.\n\n"
 )
 
 

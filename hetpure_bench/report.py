@@ -16,8 +16,8 @@ from .published import PublishedResult, load_published
 from .report_tables import side_by_side
 from .store import ResultStore
 
-SUMMARY_COLUMNS = ["defense", "attack", "gradient_mode", "evaluation", "clean_acc", "robust_acc", "nfe",
-                   "wall_s", "peak_mem_mib", "sanity", "converged"]
+SUMMARY_COLUMNS = ["defense", "attack", "gradient_mode", "evaluation", "clean_acc", "robust_acc", "diffhammer_avg",
+                   "diffhammer_wor", "nfe", "wall_s", "peak_mem_mib", "sanity", "converged"]
 GROUP_COLUMNS = ["classifier", "diffusion_model", "eps", "n_images", "seed"]
 
 
@@ -73,7 +73,9 @@ def write_report(rows: list[dict], name: str, out_dir: Path, store_label: str,
                 f"## Leaderboard: {data_source}, {threat} eps {eps}\n",
                 f"{classifier} + {diffusion}, {n} images, seed {seed}; accuracies in % with their 95% intervals "
                 "over images [low, high] (\"[-]\": a row stored before intervals were), best robust first; "
-                "wall_s = seconds of attack + evaluation for all images; full rows in "
+                "diffhammer_avg / diffhammer_wor: DiffHammer's own N-evaluation (Avg / Wor) under the attack's "
+                "noise, made while attacking ('-': no DiffHammer), next to robust_acc, the returned example "
+                "judged again under fresh noise; wall_s = seconds of attack + evaluation for all images; full rows in "
                 f"`leaderboards/{data_source}-{threat}.md`.\n",
                 markdown_table(_summary(group)),
             ]

@@ -32,6 +32,7 @@ from .diffusion.zoo import DIFFUSION_MODELS, load_diffusion_model
 from .errors import UserError
 from .distributed import Ranks, all_gather, barrier, gather_to_main
 from .evaluation import judged_labels, outcomes, parse_evaluation_mode, purification_passes
+from .n_evaluation import n_evaluation_fields
 from .noise import image_seeds
 from .peak_memory import PeakMemory
 from .sanity import SanityConfig, run_sanity_checks, summarise
@@ -218,27 +219,33 @@ def evaluate_batch(
     clean and every adversarial evaluation share theirs (common random numbers: at eps = 0 the
     adversarial predictions equal the clean ones exactly). ``eval_seed`` (default ``seed``) seeds
     the evaluation streams. The modes share their purifications ("single" is the first pass of
-    "worst:N"). Returns the records per mode, the cost (seconds attacking, "attack_s", 0 for
-    stored examples; "eval_s" per mode: the seconds of its own passes), the examples in their
+    "worst:N"). Returns the records per mode, the cost (seconds attacking, "attack_s", and per
+    attack by attack index, "attack_s_by_attack", 0 for stored examples; "eval_s" per mode: the
+    seconds of its own passes), the examples in their
     stored form (stored_examples.py), which are what was judged, and the stored histories of the
     attacks that record one (attack index -> stored_histories blob; none for stored examples).
     """
     started = time.perf_counter()
-    blobs, histories = attack_batch(defense, target, attacks, x, y, indices, seed, progress) if stored is None else (stored, {})
+    if stored is None:
+        blobs, histories, seconds = attack_batch(defense, target, attacks, x, y, indices, seed, progress)
+    else:
+        blobs, histories, seconds = stored, {}, [0.0] * len(attacks)
     attack_s = time.perf_counter() - started
     records, eval_s = judge_batch(defense, attacks, x, y, indices, blobs, seed if eval_seed is None else eval_seed, modes)
-    return records, {"attack_s": attack_s, "eval_s": eval_s}, blobs, histories
+    return records, {"attack_s": attack_s, "attack_s_by_attack": seconds, "eval_s": eval_s}, blobs, histories
 
 
 def attack_batch(
     defense: Defense, target: torch.nn.Module, attacks: list[Attack], x: torch.Tensor, y: torch.Tensor,
     indices: torch.Tensor, seed: int, progress: bool = False,
-) -> tuple[list[bytes], dict[int, bytes]]:
-    """Each attack's adversarial examples of the [0,1] images ``x``, in their stored form, and
-    the stored histories of those attacks that record one (by attack index)."""
+) -> tuple[list[bytes], dict[int, bytes], list[float]]:
+    """Each attack's adversarial examples of the [0,1] images ``x``, in their stored form, the
+    stored histories of those attacks that record one (by attack index) and each attack's
+    seconds (its examples copied to the CPU inside them, so queued GPU work is counted)."""
     attack_seeds = image_seeds(seed, indices, "attack")
-    blobs, histories = [], {}
+    blobs, histories, seconds = [], {}, []
     for j, attack in enumerate(attacks):
+        started = time.perf_counter()
         for module in {defense, target}:
             module.reseed(attack_seeds)
         x_adv, history = attack.perturb_with_history(target, x, y, progress=progress)
@@ -247,7 +254,8 @@ def attack_batch(
         blobs.append(encode(x_adv, x))
         if history is not None:
             histories[j] = encode_history(history)
-    return blobs, histories
+        seconds.append(time.perf_counter() - started)
+    return blobs, histories, seconds
 
 
 def judge_batch(
@@ -406,7 +414,7 @@ def run(
     a crash computes only what is missing. A batch whose adversarial examples are stored under
     this setup's attack key (by a run of the same attack with other evaluation settings: modes,
     eval seed, sanity checks) is judged from them without attacking; its cost copies the attack's
-    seconds from the batch that attacked ("attack_reused_from": that setup). ``cache`` (a dict
+    seconds, in all and per attack, from the batch that attacked ("attack_reused_from": that setup). ``cache`` (a dict
     kept by the caller) shares loaded data and networks between the rows of one invocation.
     """
     validate(spec)
@@ -437,8 +445,8 @@ def run(
                 indices[start:stop], spec.seed, setup["evaluation_modes"], progress, evaluation_seed(spec),
                 None if reused is None else reused.blobs,
             )
-        if reused is not None:
-            cost.update(attack_s=reused.attack_s, attack_reused_from=reused.source)
+        if reused is not None:  # the attacking batch's seconds (per attack: none stored before they were)
+            cost.update(attack_s=reused.attack_s, attack_s_by_attack=reused.attack_s_by_attack, attack_reused_from=reused.source)
         cost.update(peak_mib=peak.mib, device=device_name(device), rank=ranks.rank)
         shard.commit_batch(key, start, records, cost, examples_key, blobs if reused is None else [], histories)
     if ranks.distributed:
@@ -516,7 +524,8 @@ def finish_rows(key, setup, store, loaded, defense, target, attacks, spec, devic
 def make_row(setup: dict, mode: str, per_image: pd.DataFrame, costs: list[dict], checks: list[dict],
              sanity_wall: float, nfe: int, attacks: list[Attack], histories: list[dict[int, bytes]] = ()) -> dict:
     """One leaderboard row: the setup's labels, the accuracies, the attacks' convergence
-    evidence (from ``histories``: per batch, attack index -> stored history) and what the row cost."""
+    evidence and DiffHammer's own N-evaluation (from ``histories``: per batch, attack index ->
+    stored history) and what the row cost."""
     # What this row would cost alone: the (shared) attack plus its own evaluation, summed over
     # batches (device-seconds: in a sharded run, the sum over the ranks).
     wall = sum(c["attack_s"] + c["eval_s"][mode] for c in costs)
@@ -528,8 +537,10 @@ def make_row(setup: dict, mode: str, per_image: pd.DataFrame, costs: list[dict],
         "evaluation": mode,
         **accuracy_fields(per_image),
         "robust_by_attack": robust_by_attack(per_image, attacks),
+        **n_evaluation_fields(histories, attacks),
         "nfe": nfe,
         "wall_s": round(wall, 2),
+        "attack_s_by_attack": attack_seconds(costs, attacks),
         "images_per_s": round(len(per_image) / wall, 4) if wall > 0 else float("nan"),
         "peak_mem_mib": round(max(c["peak_mib"] for c in costs)),
         "device": " + ".join(sorted({c["device"] for c in costs})),
@@ -555,6 +566,16 @@ def convergence_fields(histories: list[dict[int, bytes]], attacks: list[Attack],
         entries.append({"attack": attack.name, "robust_counts": counts, "converged": converged(counts, n_images)})
     verdict = "n/a" if not entries else "yes" if all(e["converged"] for e in entries) else "no"
     return {"converged": verdict, "convergence": entries}
+
+
+def attack_seconds(costs: list[dict], attacks: list[Attack]) -> str:
+    """Each attack's seconds summed over the batches ("PGD-EOT(...) 12.3 s; ..."; they add up to
+    about the batches' attack_s): what each member of a suite cost; "-" when a batch was stored
+    without them (before attacks were timed one by one)."""
+    per_batch = [c.get("attack_s_by_attack") for c in costs]
+    if not per_batch or any(seconds is None or len(seconds) != len(attacks) for seconds in per_batch):
+        return "-"
+    return "; ".join(f"{a.name} {sum(seconds[j] for seconds in per_batch):.1f} s" for j, a in enumerate(attacks))
 
 
 def convergence_warning(row: dict) -> str | None:

@@ -57,11 +57,13 @@ TABLES = ("setups", "batches", "samples", "sanity", "rows", "examples", "histori
 @dataclass(frozen=True)
 class StoredExamples:
     """One batch's stored adversarial examples (one blob per attack, in the setup's attack order),
-    the setup that attacked (``source``) and the seconds its attack took."""
+    the setup that attacked (``source``) and the seconds its attack took, in all and per attack
+    (None for batches stored before attacks were timed one by one)."""
 
     source: str
     attack_s: float
     blobs: list[bytes]
+    attack_s_by_attack: list[float] | None = None
 
 
 def setup_hash(setup: dict) -> str:
@@ -209,7 +211,8 @@ class ResultStore:
             (attack_key,),
         ):
             if start not in found:
-                found[start] = StoredExamples(source, json.loads(cost)["attack_s"], [])
+                cost = json.loads(cost)
+                found[start] = StoredExamples(source, cost["attack_s"], [], cost.get("attack_s_by_attack"))
             found[start].blobs.append(bytes(blob))
         return found
 

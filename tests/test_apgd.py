@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hetpure_bench.attacks import attack_label, build_attacks
-from hetpure_bench.attacks.apgd import APGDEOT, should_halve, step_size_checkpoints
+from hetpure_bench.attacks.apgd import APGDEOT, StepSizeSchedule, should_halve, step_size_checkpoints
 from hetpure_bench.attacks.convergence import AttackHistory, converged
 from hetpure_bench.attacks.losses import LOSSES, loss_function
 from hetpure_bench.attacks.threat import perturbation_size, project, uniform_in_ball
@@ -124,6 +124,29 @@ def test_should_halve_on_either_condition():
     # 16 <= 16.5; 17 > 16.5; 12 <= 12 (the original's <=); stalled after no reduction; stalled but reduced
     assert halve == [True, False, True, True, False]
 
+
+
+def test_the_schedule_halves_and_goes_back_to_the_best_iterate_on_a_scripted_case():
+    """StepSizeSchedule alone, checkpoints after passes 2, 4, 6, two images (worked out by hand):
+    image a rises, falls once before 4 (1 of 2 increases: halve, back to pass 3), then rises
+    below its best (reduced at 4: no halving at 6); image b falls once before 2 (halve, back to
+    pass 1), rises twice below its best (reduced at 2: none at 4), then stalls (not reduced at 4
+    and no new best: halve at 6, back to pass 1)."""
+    losses = torch.tensor([[0.0, 0.0], [1, 1], [2, 0.5], [3, 0.8], [2.5, 0.9], [2.6, 0.95], [2.7, 0.99]], dtype=torch.float64)
+    iterate = lambda k: torch.full((2, 1), float(k), dtype=torch.float64)  # noqa: E731  pass k's iterate, its gradient -k
+    schedule = StepSizeSchedule(torch.full((2,), 0.2, dtype=torch.float64), frozenset({2, 4, 6}), 0.75, (iterate(0), losses[0], -iterate(0)))
+    steps, returned = [], []
+    for k in range(len(losses)):
+        if k > 0:
+            schedule.observe(iterate(k), losses[k], -iterate(k), losses[k - 1])
+        x_adv, grad = schedule.checkpoint(k, iterate(k), -iterate(k))
+        assert torch.equal(grad, -x_adv)  # the iterate's own gradient goes back with it
+        steps.append(schedule.step_size.tolist())
+        returned.append(x_adv[:, 0].tolist())
+    assert steps == [[0.2, 0.2]] * 2 + [[0.2, 0.1]] * 2 + [[0.1, 0.1]] * 2 + [[0.1, 0.05]]
+    assert returned == [[0, 0], [1, 1], [2, 1], [3, 3], [3, 4], [5, 5], [6, 1]]
+    start = StepSizeSchedule.start(iterate(0), losses[0], -iterate(0), eps=0.1, steps=100, rho=0.75)
+    assert sorted(start.checkpoints) == step_size_checkpoints(100) and start.step_size.tolist() == [0.2, 0.2]
 
 STEPS = 100
 

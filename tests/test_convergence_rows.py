@@ -41,6 +41,8 @@ class ScriptedAttack(Attack):
     def perturb_with_history(self, model, x, y, progress=False):
         robust = self.script[len(self.calls)]
         self.calls.append(len(x))
+        if robust is None:  # an attack that records no history
+            return x.clone(), None
         zeros = torch.zeros(robust.shape)
         return x.clone(), AttackHistory(robust=robust, best_loss=zeros, step_size=zeros)
 
@@ -65,6 +67,21 @@ def test_stored_histories_round_trip_every_field():
     assert fields["robust"].dtype == bool and (fields["robust"] == history.robust.numpy()).all()
     assert torch.equal(torch.from_numpy(fields["best_loss"]), history.best_loss.float())
     assert robust_counts(encode(history)) == history.robust_counts() == [2, 2, 1, 0]
+
+
+def test_stored_histories_keep_the_fields_an_attack_adds_numbers_included():
+    """DiffHammer's history adds per-record tensors (avg, wor) and one number (replay_deviation)."""
+    from hetpure_bench.attacks.diffhammer import DiffHammerHistory
+
+    robust = _history([3, 2, 1])
+    avg = torch.tensor([[0.0, 0.25, 0.5], [0.5, 0.25, 0.75], [0.5, 1.0, 0.75]])
+    history = DiffHammerHistory(robust=robust, best_loss=torch.zeros(3, 3), step_size=torch.ones(3, 3), avg=avg,
+                                wor=avg > 0, replay_deviation=2.5e-7)
+    fields = decode(encode(history))
+    assert sorted(fields) == ["avg", "best_loss", "replay_deviation", "robust", "step_size", "wor"]
+    assert (fields["avg"] == avg.numpy()).all() and fields["wor"].dtype == bool and (fields["wor"] == (avg > 0).numpy()).all()
+    assert fields["replay_deviation"].shape == () and float(fields["replay_deviation"]) == pytest.approx(2.5e-7)
+    assert robust_counts(encode(history)) == [3, 2, 1]
 
 
 def test_counts_are_summed_record_by_record_and_a_shorter_history_keeps_its_last_count():
@@ -132,20 +149,36 @@ def test_converged_through_a_real_run_and_the_warning_run_prints(tmp_path, monke
         assert "not converged" not in err
 
 
-def test_rows_without_history_say_n_a(tmp_path, monkeypatch):
+def test_pgd_eot_rows_carry_the_check_of_every_iterate_the_returned_one_last(tmp_path, monkeypatch):
     from hetpure_bench.runner import run
 
     attacks = _tiny_runs(monkeypatch)
-    _scripted(monkeypatch, *CONVERGING)
     with ResultStore(tmp_path / "r.sqlite") as store:
-        pgd = run(_spec("none"), store, progress=False)[0]  # PGD-EOT records no history
-        assert len(attacks) == 2 and (pgd["converged"], pgd["convergence"]) == ("n/a", [])
-        scripted = run(_spec("none", attack={"name": "scripted"}, evaluation="single"), store, progress=False)[0]
+        pgd = run(_spec("none"), store, progress=False)[0]
+    assert len(attacks) == 2 and pgd["evaluation"] == "single"
+    (entry,) = pgd["convergence"]
+    # 1 step: the clean images (all classified right), then the returned examples; the defense
+    # and the classifier are deterministic, so the attack's check of them is the evaluation's.
+    assert entry["attack"] == attacks[0].name and entry["robust_counts"] == [6, round(6 * pgd["robust_acc"])]
+    assert pgd["robust_acc"] < 1 and pgd["converged"] == ("yes" if entry["converged"] else "no")
+
+
+def test_rows_without_history_say_n_a(tmp_path, monkeypatch):
+    from hetpure_bench.runner import run
+
+    _tiny_runs(monkeypatch)
+    with ResultStore(tmp_path / "r.sqlite") as store:
+        _scripted(monkeypatch, None, None)  # an attack that records no history
+        silent = run(_spec("none", attack={"name": "scripted"}, evaluation="single"), store, progress=False)[0]
+        assert (silent["converged"], silent["convergence"]) == ("n/a", [])
+        _scripted(monkeypatch, *CONVERGING)
+        scripted = run(_spec("none", attack={"name": "scripted", "steps": 4}, evaluation="single"), store, progress=False)[0]
         assert scripted["converged"] == "yes"
         # Batches stored before histories were (one of them, then both): the rows say n/a.
         for start in (3, 0):
             store.db.execute("DELETE FROM histories WHERE batch_start = ?", (start,))
-            assert run(_spec("none", attack={"name": "scripted"}, evaluation="single"), store, progress=False)[0]["converged"] == "n/a"
+            again = run(_spec("none", attack={"name": "scripted", "steps": 4}, evaluation="single"), store, progress=False)[0]
+            assert again["converged"] == "n/a"
 
 
 def test_the_leaderboard_has_a_converged_column_after_sanity(tmp_path):

@@ -59,7 +59,7 @@ def test_one_row_per_setup_the_newest_wins_grouped_by_defense(tmp_path):
         assert csv.loc[csv.defense == "hetpure", "robust_acc"].tolist() == [0.6]  # the rerun's numbers
         markdown = (tmp_path / "cifar10-jpeg-Linf.md").read_text()
         assert ("| hetpure | t_l=200 | c | d | cifar10-jpeg | Linf | 0.0313725 | PGD-EOT | full | single | 32 | 0 | 0 | "
-                "80.0 [-] | 60.0 [-] | - | - | ok | n/a | 10 | 11.0 | 2.67 | 900 | cpu (2 threads) |") in markdown  # no history: n/a
+                "80.0 [-] | 60.0 [-] | - | - | - | - | ok | n/a | 10 | 11.0 | - | 2.67 | 900 | cpu (2 threads) |") in markdown  # no history: n/a; no DiffHammer, no seconds per attack: -
         store.save_rows("999", {"single": _row(seed=1)})  # another seed is another setup
         write_leaderboards(store, tmp_path)
     assert len(pd.read_csv(written[0])) == 3
@@ -85,8 +85,8 @@ def test_interval_columns_cells_and_footnote_come_from_the_rows(tmp_path):
     assert csv.loc["hetpure", "interval_method"] == "Wilson 95%"
     assert csv.loc["none", interval].isna().all() and pd.isna(csv.loc["none", "interval_method"])
     markdown = (tmp_path / "cifar10-jpeg-Linf.md").read_text()
-    assert "| 80.0 [61.2, 91.0] | 50.0 [33.3, 66.7] | Wilson 95% | - | ok |" in markdown
-    assert "| 80.0 [-] | 0.0 [-] | - | - | ok |" in markdown
+    assert "| 80.0 [61.2, 91.0] | 50.0 [33.3, 66.7] | Wilson 95% | - | - | - | ok |" in markdown
+    assert "| 80.0 [-] | 0.0 [-] | - | - | - | - | ok |" in markdown
     footnotes = [e["footnote"] for e in json.loads((tmp_path / "cifar10-jpeg-Linf.robustbench.json").read_text())]
     assert "intervals over 32 images (Wilson 95%): clean [61.2, 91.0]%, robust [33.3, 66.7]%" in footnotes[0]
     assert "intervals -" in footnotes[1]

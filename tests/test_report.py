@@ -109,7 +109,7 @@ def test_a_report_regenerated_from_the_same_rows_is_identical(tmp_path):
     text = first.read_text()
     assert "| hetpure | 93.16 | 80.45 |" in text and "FAILED: gradients" in text
     assert "## Leaderboard: cifar10-jpeg, Linf eps 0.0313725" in text
-    assert "| hetpure | PGD-EOT | full | single | 75.0 [60.0, 90.0] | 25.0 [12.0, 44.0] | 10 |" in text
+    assert "| hetpure | PGD-EOT | full | single | 75.0 [60.0, 90.0] | 25.0 [12.0, 44.0] | - | - | 10 |" in text
     assert "(not made: they need the result store's per-image results)" in text  # no store given
 
 

@@ -1,10 +1,12 @@
 import dataclasses
+import time
 from dataclasses import dataclass
 
 import pandas as pd
 import pytest
 import torch
 
+from hetpure_bench.attacks.base import Attack
 from hetpure_bench.attacks.gradients import attack_model, parse_gradient_mode
 from hetpure_bench.attacks.pgd_eot import PGDEOT
 from hetpure_bench.defenses import build_defense
@@ -59,7 +61,7 @@ def test_modes_evaluated_together_share_passes_and_equal_each_mode_alone():
                                        modes, progress=False)
     modes = ["single", "vote:3", "worst:3", "expected:3"]
     together = run(modes)
-    assert len(calls) == 1 + 2 * 3  # the attack's one pass, then 3 passes each for clean and adversarial
+    assert len(calls) == 2 + 2 * 3  # the attack's step and its check of the example, then 3 passes each for clean and adversarial
     for mode in modes:
         pd.testing.assert_frame_equal(together[mode], run([mode])[mode])
     # All 3 passes right <=> worst-of-3 right.
@@ -242,8 +244,8 @@ def _tiny_runs(monkeypatch):
     x = torch.rand(6, 3, 8, 8, generator=g)
     data = _Images(x, classifier(x).argmax(1).detach(), torch.arange(6) * 3)
     monkeypatch.setattr(runner, "load", lambda spec, device, cache: runner.Loaded(data, classifier, diffusion))
-    calls, perturb = [], PGDEOT.perturb
-    monkeypatch.setattr(PGDEOT, "perturb", lambda self, *a, **k: calls.append(self) or perturb(self, *a, **k))
+    calls, perturb = [], PGDEOT.perturb_with_history
+    monkeypatch.setattr(PGDEOT, "perturb_with_history", lambda self, *a, **k: calls.append(self) or perturb(self, *a, **k))
     return calls
 
 
@@ -312,3 +314,66 @@ def test_a_bad_eval_seed_is_refused():
     for bad in (-1, "3", 1.5):
         with pytest.raises(UserError, match="eval seed must be an integer >= 0"):
             validate(spec_from_preset("smoke", "none", eval_seed=bad))
+
+
+# ---------------------------------------------------------------- seconds per attack
+
+
+@dataclass(frozen=True)
+class Sleeping(Attack):
+    """Leaves the images as they are after sleeping ``seconds``: an attack of known cost."""
+
+    seconds: float = 0.0
+    norm: str = "Linf"
+    eps: float = 0.03
+    steps: int = 1
+    seed: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"Sleeping({self.seconds:g} s)"
+
+    def perturb(self, model, x, y, progress=False):
+        time.sleep(self.seconds)
+        return x.clone()
+
+
+def test_attack_seconds_sums_each_attack_over_the_batches_and_says_dash_without_them():
+    from hetpure_bench.runner import attack_seconds
+
+    attacks = [Sleeping(0.1), Sleeping(0.2)]
+    costs = [{"attack_s_by_attack": [1.0, 2.5]}, {"attack_s_by_attack": [0.5, 0.3]}]
+    assert attack_seconds(costs, attacks) == "Sleeping(0.1 s) 1.5 s; Sleeping(0.2 s) 2.8 s"
+    assert attack_seconds(costs + [{"attack_s": 1.0}], attacks) == "-"  # a batch stored before: unknown
+    assert attack_seconds(costs + [{"attack_s_by_attack": None}], attacks) == "-"  # reused from such a batch
+
+
+def test_each_attack_is_timed_alone_and_reused_examples_copy_its_seconds(tmp_path, monkeypatch):
+    from hetpure_bench.attacks import ATTACKS
+    from hetpure_bench.registry import Entry
+    from hetpure_bench.runner import run
+
+    _tiny_runs(monkeypatch)
+    short, long = Sleeping(0.02), Sleeping(0.1)
+    monkeypatch.setitem(ATTACKS._entries, "sleeping", Entry("sleeping", lambda **settings: [short, long]))
+    spec = _spec("none", attack={"name": "sleeping"}, evaluation="single")
+    with ResultStore(tmp_path / "r.sqlite") as store:
+        row = run(spec, store, progress=False)[0]
+        costs = store.batch_costs(row["setup_hash"])
+        assert len(costs) == 2  # two batches of three images
+        for cost in costs:
+            first, second = cost["attack_s_by_attack"]
+            assert first >= 0.02 and second >= 0.1  # each attack's own sleep, at least
+            assert first + second <= cost["attack_s"] <= first + second + 0.5  # together about the batch's
+        totals = [sum(c["attack_s_by_attack"][j] for c in costs) for j in range(2)]
+        assert row["attack_s_by_attack"] == f"Sleeping(0.02 s) {totals[0]:.1f} s; Sleeping(0.1 s) {totals[1]:.1f} s"
+        # Judged again from the stored examples: the attacking batches' seconds, per attack too.
+        again = run(dataclasses.replace(spec, evaluation="worst:2"), store, progress=False)[0]
+        reused = store.batch_costs(again["setup_hash"])
+        assert [c["attack_s_by_attack"] for c in reused] == [c["attack_s_by_attack"] for c in costs]
+        assert again["attack_reused"] and again["attack_s_by_attack"] == row["attack_s_by_attack"]
+        # Examples stored before attacks were timed one by one: the reusing row says "-".
+        store.db.execute("UPDATE batches SET cost = json_remove(cost, '$.attack_s_by_attack') WHERE setup_hash = ?",
+                         (row["setup_hash"],))
+        old = run(dataclasses.replace(spec, evaluation="vote:3"), store, progress=False)[0]
+        assert old["attack_reused"] and old["attack_s_by_attack"] == "-"

@@ -30,7 +30,7 @@ The original itself runs through ``--attack autoattack`` or ``torchattacks`` (at
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -75,6 +75,51 @@ def should_halve(
 def _keep_better(better: torch.Tensor, new: tuple, old: tuple) -> tuple:
     """Per image, the entries of the tensors ``new`` where ``better`` (B,), else those of ``old``."""
     return tuple(torch.where(better.view(-1, *[1] * (n.dim() - 1)), n, o) for n, o in zip(new, old))
+
+
+@dataclass
+class StepSizeSchedule:
+    """One restart's per-image step size (B,) and what its checkpoints decide on: the restart's
+    best iterate so far by loss (``best``: iterate, loss, gradient), the steps that raised the loss
+    since the last checkpoint, whether that checkpoint halved the step and the best loss then.
+    Shared by APGD-EOT and DiffHammer, which step the same way from different gradients."""
+
+    step_size: torch.Tensor
+    checkpoints: frozenset[int]
+    rho: float
+    best: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    increases: torch.Tensor = field(init=False)
+    reduced_last: torch.Tensor = field(init=False)
+    best_last: torch.Tensor = field(init=False)
+    last_check: int = 0
+
+    def __post_init__(self):
+        loss = self.best[1]
+        self.increases, self.reduced_last, self.best_last = torch.zeros_like(loss), torch.ones_like(loss, dtype=torch.bool), loss
+
+    @classmethod
+    def start(cls, x_adv: torch.Tensor, loss: torch.Tensor, grad: torch.Tensor, eps: float, steps: int, rho: float) -> "StepSizeSchedule":
+        """The schedule of a restart of ``steps`` iterations from ``x_adv`` (its loss (B,) and
+        gradient): a first step of INITIAL_STEP x eps, the checkpoints of step_size_checkpoints."""
+        return cls(torch.full_like(loss, INITIAL_STEP * eps), frozenset(step_size_checkpoints(steps)), rho, (x_adv, loss, grad))
+
+    def observe(self, x_adv: torch.Tensor, loss: torch.Tensor, grad: torch.Tensor, last_loss: torch.Tensor) -> None:
+        """A step reached ``x_adv`` with ``loss`` and ``grad``: count where it raised the loss
+        above ``last_loss`` and keep the better iterate per image."""
+        self.increases = self.increases + (loss > last_loss)
+        self.best = _keep_better(loss > self.best[1], (x_adv, loss, grad), self.best)
+
+    def checkpoint(self, i: int, x_adv: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """After pass ``i`` (0: the start point): at a checkpoint, halve the step of the images
+        should_halve picks and send them back to the best iterate, with its gradient. Returns the
+        iterate and gradient to step from (``x_adv`` and ``grad`` where nothing changes)."""
+        if i not in self.checkpoints:
+            return x_adv, grad
+        halve = should_halve(self.increases, i - self.last_check, self.rho, self.reduced_last, self.best[1], self.best_last)
+        self.step_size = torch.where(halve, self.step_size / 2, self.step_size)
+        x_adv, grad = _keep_better(halve, (self.best[0], self.best[2]), (x_adv, grad))
+        self.reduced_last, self.best_last, self.increases, self.last_check = halve, self.best[1], torch.zeros_like(self.increases), i
+        return x_adv, grad
 
 
 @dataclass(frozen=True)
@@ -177,22 +222,14 @@ class APGDEOT(Attack):
             start = x + uniform_in_ball(x, self.norm, self.eps, generator)
         x_adv = self.constrain(model, x, project(start.detach(), x, self.norm, self.eps), x)
         loss, grad, robust = self.eot_pass(model, x_adv, y)
-        step_size = torch.full_like(loss, INITIAL_STEP * self.eps)
-        run = (x_adv, loss, grad)  # this restart's best iterate, to restart from
-        checkpoints, last_check = set(step_size_checkpoints(self.steps)), 0
-        increases, reduced_last, best_last = torch.zeros_like(loss), torch.ones_like(robust), loss
+        schedule = StepSizeSchedule.start(x_adv, loss, grad, self.eps, self.steps, self.rho)
         x_prev = x_adv
         for i in range(self.steps + 1):
             if i > 0:
-                x_next = self.constrain(model, x_adv, self.step(x_adv, x_prev, grad, step_size, x, MOMENTUM if i > 1 else 1.0), x)
+                x_next = self.constrain(model, x_adv, self.step(x_adv, x_prev, grad, schedule.step_size, x, MOMENTUM if i > 1 else 1.0), x)
                 x_prev, x_adv, last_loss = x_adv, x_next, loss
                 loss, grad, robust = self.eot_pass(model, x_adv, y)
-                increases = increases + (loss > last_loss)
-                run = _keep_better(loss > run[1], (x_adv, loss, grad), run)
+                schedule.observe(x_adv, loss, grad, last_loss)
             evaluated = x_adv
-            if i in checkpoints:
-                halve = should_halve(increases, i - last_check, self.rho, reduced_last, run[1], best_last)
-                step_size = torch.where(halve, step_size / 2, step_size)
-                x_adv, _, grad = _keep_better(halve, run, (x_adv, loss, grad))
-                reduced_last, best_last, increases, last_check = halve, run[1], torch.zeros_like(increases), i
-            yield evaluated, loss, robust, step_size
+            x_adv, grad = schedule.checkpoint(i, x_adv, grad)
+            yield evaluated, loss, robust, schedule.step_size

@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 from ..defenses.base import Defense
 from ..errors import UserError
 from ..noise import CopyReplay
-from .apgd import APGDEOT, INITIAL_STEP, MOMENTUM, _keep_better, should_halve, step_size_checkpoints
+from .apgd import APGDEOT, MOMENTUM, StepSizeSchedule, _keep_better
 from .base import Attack
 from .convergence import AttackHistory
 from .gradients import parse_gradient_mode
@@ -234,30 +234,22 @@ class DiffHammer(Attack):
         if self.random_start:
             x_adv = project(x + uniform_in_ball(x, self.norm, self.eps, generator), x, self.norm, self.eps)
         ev = self.evaluate(model, x_adv, y, loss_name, gradient=self.steps > 0)
-        loss, grad = ev.losses.amax(0), ev.gradient
-        step_size = torch.full_like(loss, INITIAL_STEP * self.eps)
-        run = (x_adv, loss, grad)  # this restart's best iterate by the schedule's loss, to go back to
-        checkpoints, last_check = set(step_size_checkpoints(self.steps)), 0
-        increases, reduced_last, best_last = torch.zeros_like(loss), torch.ones_like(loss, dtype=torch.bool), loss
+        loss, grad = ev.losses.amax(0), ev.gradient  # the schedule's loss: the highest of the N
+        schedule = StepSizeSchedule.start(x_adv, loss, grad, self.eps, self.steps, self.rho)
         apgd = APGDEOT(norm=self.norm, eps=self.eps)  # for its step
         x_prev, smoothed = x_adv, None
         for i in range(self.steps + 1):
             if i > 0:
                 weight = i ** -SMOOTHING
                 smoothed = grad if smoothed is None else weight * grad + (1 - weight) * smoothed
-                x_next = apgd.step(x_adv, x_prev, smoothed, step_size, x, MOMENTUM if i > 1 else 1.0)
+                x_next = apgd.step(x_adv, x_prev, smoothed, schedule.step_size, x, MOMENTUM if i > 1 else 1.0)
                 x_prev, x_adv, last_loss = x_adv, x_next, loss
                 ev = self.evaluate(model, x_adv, y, loss_name, gradient=i < self.steps)
                 loss, grad = ev.losses.amax(0), ev.gradient
-                increases = increases + (loss > last_loss)
-                run = _keep_better(loss > run[1], (x_adv, loss, grad), run)
+                schedule.observe(x_adv, loss, grad, last_loss)
             evaluated = x_adv
-            if i in checkpoints:
-                halve = should_halve(increases, i - last_check, self.rho, reduced_last, run[1], best_last)
-                step_size = torch.where(halve, step_size / 2, step_size)
-                x_adv, _, grad = _keep_better(halve, run, (x_adv, loss, grad))
-                reduced_last, best_last, increases, last_check = halve, run[1], torch.zeros_like(increases), i
-            yield evaluated, ev, step_size
+            x_adv, grad = schedule.checkpoint(i, x_adv, grad)
+            yield evaluated, ev, schedule.step_size
             if ev.wrong.all():  # every purification of every image misclassified: nothing to gain
                 return
 
