@@ -18,8 +18,8 @@ from collections.abc import Mapping
 from .errors import UserError
 
 # libgomp (torch's OpenMP on Linux) spins 300,000 times before an idle thread sleeps. 3,000 is
-# as fast as that for a run alone and much less wasteful beside another process; PASSIVE
-# (no spin) is slower alone: README "Threads" has the measurements.
+# as fast as that for a run alone and much less wasteful beside another process (README
+# "Threads" has the measurements).
 GOMP_SPINCOUNT = "3000"
 # The user's own spin settings, which then stay untouched.
 SPIN_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
