@@ -139,22 +139,51 @@ def _extract_official_archive(archive: Path) -> Path:
     return target / OFFICIAL_FOLDER
 
 
+class BatchUnpickler(pickle.Unpickler):
+    """Unpickles what the official CIFAR-10 batches hold and nothing else.
+
+    A batch is a dict of str/bytes keys, a numpy uint8 array and lists of ints and bytes. Builtin
+    containers and scalars need no global; the only globals allowed are the numpy functions that
+    rebuild an array and its dtype, and ``_codecs.encode`` (how Python 3 writes bytes at protocol 2). Any other global (``os.system``, ``builtins.eval``, a class of
+    the user's) is refused before it is looked up, so a crafted file cannot run code.
+    """
+
+    _ALLOWED = {
+        (module, name)
+        for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+        for name in ("_reconstruct",)
+    } | {
+        (module, name)
+        for module in ("numpy.core.numeric", "numpy._core.numeric")
+        for name in ("_frombuffer",)
+    } | {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}  # bytes at protocol 2
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(
+                f"refusing to unpickle {module}.{name}: a CIFAR-10 batch holds only numpy arrays "
+                "and builtin containers"
+            )
+        return super().find_class(module, name)
+
+
 def _load_pickle_folder(folder: Path, split: str) -> LabelledImages:
     batches = OFFICIAL_BATCHES[split]
     missing = [name for name in batches if not (folder / name).is_file()]
     if missing:
         raise DataNotFoundError(f"{folder} lacks {', '.join(missing)}; {_HOW_TO_POINT}")
+    # The md5s are checked before anything is unpickled: a file that matches is the official one.
+    official = all(checksum_matches(folder / name, checksum) for name, checksum in batches.items())
     images, labels = [], []
     for name in batches:
         try:
             with open(folder / name, "rb") as handle:
-                # The official batches are numpy pickles; there is no safe alternative format.
-                entry = pickle.load(handle, encoding="latin1")
+                # The batches exist only as numpy pickles; the restricted unpickler makes them safe.
+                entry = BatchUnpickler(handle, encoding="latin1").load()
             images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             labels.append(np.asarray(entry.get("labels", entry.get("fine_labels")), dtype=np.int64))
-        except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as exc:
-            raise DataNotFoundError(f"cannot read CIFAR-10 batch {folder / name}: {exc!r}") from None
-    official = all(checksum_matches(folder / name, checksum) for name, checksum in batches.items())
+        except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise DataNotFoundError(f"cannot read CIFAR-10 batch {folder / name}: {exc}") from None
     return _labelled(
         np.concatenate(images), np.concatenate(labels),
         "cifar10-official" if official else "cifar10-pickle", split, folder,

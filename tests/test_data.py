@@ -1,4 +1,6 @@
 import io
+import os
+import pickle
 import tarfile
 
 import numpy as np
@@ -136,6 +138,51 @@ def test_official_download_path_extracts_and_caches(tmp_path, monkeypatch):
     assert len(ds) == 20 and ds.source == "cifar10-pickle"
     archive.unlink()  # second load comes from the cache, no download
     assert len(load_cifar10("official", "train")) == 50
+
+
+class _RunsCode:
+    """Unpickling this with plain pickle would call ``os.system``."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_a_crafted_pickle_is_refused_and_never_runs(tmp_path):
+    _pickle_folder(tmp_path / "cifar")
+    marker = tmp_path / "ran"
+    entry = {"data": np.zeros((20, 3072), np.uint8), "labels": [0] * 20, "x": _RunsCode(f"touch {marker}")}
+    (tmp_path / "cifar" / "test_batch").write_bytes(pickle.dumps(entry))
+    with pytest.raises(DataNotFoundError, match=r"cannot read CIFAR-10 batch .*refusing to unpickle (posix|nt|os)\.system"):
+        load_cifar10(str(tmp_path / "cifar"), "test")
+    assert not marker.exists()
+    pickle.loads((tmp_path / "cifar" / "test_batch").read_bytes())  # the same file, plainly: it does run
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_the_official_format_loads_at_every_protocol(tmp_path, protocol):
+    """The official batches are protocol-2 pickles of a dict with bytes values and a uint8 array;
+    numpy rebuilds an array through ``_reconstruct`` (protocol < 5) or ``_frombuffer`` (5)."""
+    images, labels = random_images(20, seed=4)
+    _pickle_folder(tmp_path / "cifar")
+    entry = {"batch_label": b"testing batch 1 of 1", "labels": labels.tolist(),
+             "data": images.reshape(20, -1), "filenames": [b"x.png"] * 20}
+    (tmp_path / "cifar" / "test_batch").write_bytes(pickle.dumps(entry, protocol=protocol))
+    ds = load_cifar10(str(tmp_path / "cifar"), "test")
+    assert torch.equal(ds.images, torch.from_numpy(images)) and torch.equal(ds.labels, torch.from_numpy(labels))
+
+
+def test_md5s_are_checked_before_unpickling(tmp_path, monkeypatch):
+    _pickle_folder(tmp_path / "cifar")
+    order = []
+    monkeypatch.setattr(data, "checksum_matches", lambda *a: order.append("md5") or False)
+    real_load = data.BatchUnpickler.load
+    monkeypatch.setattr(data.BatchUnpickler, "load", lambda self: order.append("load") or real_load(self))
+    load_cifar10(str(tmp_path / "cifar"), "test")
+    assert order == ["md5", "load"]
 
 
 def test_corrupt_pickle_is_a_clear_error(tmp_path):
