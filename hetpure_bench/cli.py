@@ -197,6 +197,7 @@ def _execute(specs: list, args: argparse.Namespace) -> int:
     from . import distributed
     from .diffusion.sampling import activation_checkpointing
     from .leaderboard import write_leaderboards
+    from .phase_times import PhaseTimes
     from .runner import load, run, validate
     from .store import ResultStore
 
@@ -214,20 +215,27 @@ def _execute(specs: list, args: argparse.Namespace) -> int:
     for directory in {leaderboard_dir, store_path.parent}:
         _check_writable(directory)
     cache: dict = {}
-    for spec in specs:  # data and every checkpoint, so that a missing or corrupt one fails first
-        load(spec, device, cache)
+    phases = PhaseTimes()
+    with phases.phase("loading"):
+        for spec in specs:  # data and every checkpoint, so that a missing or corrupt one fails first
+            load(spec, device, cache, progress=ranks.is_main)
     distributed.init(ranks, device)
     # Only rank 0 opens the main store; every rank of a distributed run has its own shard.
     store = ResultStore(store_path) if ranks.is_main else None
     shard = ResultStore(ranks.shard_path(store_path)) if ranks.distributed else None
     try:
         with activation_checkpointing(not args.no_checkpointing):  # bit-identical either way: not in the setup
-            for spec in specs:
-                rows = run(spec, store, cache=cache, ranks=ranks, device=device, shard=shard)
+            for i, spec in enumerate(specs, 1):
+                if len(specs) > 1 and ranks.is_main:
+                    print(f"row {i} of {len(specs)}: {spec.defense}")
+                rows = run(spec, store, cache=cache, ranks=ranks, device=device, shard=shard, phases=phases)
                 if rows:
-                    write_leaderboards(store, leaderboard_dir)
+                    with phases.phase("leaderboard"):
+                        write_leaderboards(store, leaderboard_dir)
                 for row in rows:
                     _report(row, leaderboard_dir, store_path)
+        if ranks.is_main:
+            print(phases.summary())
     finally:
         if store is not None:
             store.close()
@@ -292,8 +300,13 @@ def _image_grid(args: argparse.Namespace, path: Path) -> None:
     specs = [spec_from_preset(args.preset, name.strip(), data=args.data) for name in args.image_defenses.split(",")]
     for spec in specs:
         validate(spec)
+    from tqdm.auto import tqdm
+
     device, cache = distributed.device_for(distributed.Ranks(), "auto"), {}
-    image_grid_plot({spec.defense: image_panels(spec, args.images, device, cache) for spec in specs}, path)
+    # Each defense's panels attack its images first: seconds to minutes per defense.
+    panels = {spec.defense: image_panels(spec, args.images, device, cache)
+              for spec in tqdm(specs, desc="report: image grid", unit="defense")}
+    image_grid_plot(panels, path)
 
 
 def _report(row: dict, leaderboard_dir: Path, store_path: Path) -> None:

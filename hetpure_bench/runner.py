@@ -35,7 +35,8 @@ from .evaluation import judged_labels, outcomes, parse_evaluation_mode, purifica
 from .n_evaluation import n_evaluation_fields
 from .noise import image_seeds
 from .peak_memory import PeakMemory
-from .sanity import SanityConfig, run_sanity_checks, summarise
+from .phase_times import PhaseTimes
+from .sanity import SanityConfig, check_names, run_sanity_checks, summarise
 from .statistics import accuracy_interval
 from .store import ResultStore, StoredExamples, setup_hash
 from .stored_examples import decode, encode
@@ -338,21 +339,27 @@ class Loaded:
     diffusion: torch.nn.Module | None
 
 
-def load(spec: RunSpec, device: torch.device, cache: dict) -> Loaded:
-    def cached(key, loader):
-        if key not in cache:
-            cache[key] = loader()
-        return cache[key]
-
+def load(spec: RunSpec, device: torch.device, cache: dict, progress: bool = False) -> Loaded:
+    """The row's data and networks, each loaded once per ``cache``; ``progress`` shows a bar
+    naming what is being loaded (reading 10,000 images and checkpoints takes seconds)."""
     data_seed = spec.seed if spec.data_seed is None else spec.data_seed
-    data = cached(("data", spec.data, spec.n_images, data_seed),
-                  lambda: load_cifar10(spec.data, split="test").subset(spec.n_images, data_seed))
-    classifier = cached(("classifier", spec.classifier, device), lambda: load_classifier(spec.classifier).to(device))
-    diffusion = None
+    steps = [
+        (("data", spec.data, spec.n_images, data_seed), f"data {spec.data or 'official'}",
+         lambda: load_cifar10(spec.data, split="test").subset(spec.n_images, data_seed)),
+        (("classifier", spec.classifier, device), f"classifier {spec.classifier}",
+         lambda: load_classifier(spec.classifier).to(device)),
+    ]
     if DEFENSES.build(spec.defense).needs_diffusion:
-        diffusion = cached(("diffusion", spec.diffusion_model, device),
-                           lambda: load_diffusion_model(spec.diffusion_model).to(device))
-    return Loaded(data, classifier, diffusion)
+        steps.append((("diffusion", spec.diffusion_model, device), f"diffusion model {spec.diffusion_model}",
+                      lambda: load_diffusion_model(spec.diffusion_model).to(device)))
+    missing = [step for step in steps if step[0] not in cache]
+    # leave=False: the bar clears when done, so that a failed load leaves one error line only.
+    with tqdm(missing, desc=f"{spec.defense}: loading", unit="part", disable=not (progress and missing), leave=False) as bar:
+        for key, name, loader in bar:
+            bar.set_postfix_str(name)
+            cache[key] = loader()
+    data, classifier = cache[steps[0][0]], cache[steps[1][0]]
+    return Loaded(data, classifier, cache[steps[2][0]] if len(steps) == 3 else None)
 
 
 def setup_record(
@@ -402,6 +409,7 @@ def run(
     ranks: Ranks = Ranks(),
     device: torch.device = torch.device("cpu"),
     shard: ResultStore | None = None,
+    phases: PhaseTimes | None = None,
 ) -> list[dict]:
     """Run one benchmark setup through the result store; returns its rows (one per evaluation
     mode) on rank 0 and [] on other ranks.
@@ -415,10 +423,13 @@ def run(
     this setup's attack key (by a run of the same attack with other evaluation settings: modes,
     eval seed, sanity checks) is judged from them without attacking; its cost copies the attack's
     seconds, in all and per attack, from the batch that attacked ("attack_reused_from": that setup). ``cache`` (a dict
-    kept by the caller) shares loaded data and networks between the rows of one invocation.
+    kept by the caller) shares loaded data and networks between the rows of one invocation;
+    ``phases`` (also the caller's) adds up the seconds of each phase.
     """
     validate(spec)
-    loaded = load(spec, device, {} if cache is None else cache)
+    phases = PhaseTimes() if phases is None else phases
+    with phases.phase("loading"):
+        loaded = load(spec, device, {} if cache is None else cache, progress and ranks.is_main)
     defense = build_defense(spec.defense, loaded.classifier, loaded.diffusion, spec.defense_overrides, spec.seed, spec.threat)
     target = attack_model(defense, spec.gradient, mask_temperature(spec.attack))
     attacks, skipped = row_attacks(spec, defense)
@@ -434,10 +445,25 @@ def run(
         sources = ", ".join(sorted({e.source[:12] for e in reusable.values()}))
         print(f"{spec.defense}: judging {len(reusable)} of {len(pending)} batches from stored adversarial "
               f"examples (attacked by setup {sources}), no attack")
-    images, labels, indices = loaded.data.as_float(), loaded.data.labels, loaded.data.index
     label = f"{spec.defense}" + (f" [rank {ranks.rank}/{ranks.world_size}]" if ranks.distributed else "")
-    for start in tqdm(pending[ranks.rank::ranks.world_size], desc=f"{label}: attack + evaluate", unit="batch",
-                      disable=not progress):
+    with phases.phase("attack + evaluate"):
+        _attack_batches(pending[ranks.rank::ranks.world_size], reusable, label, spec, setup, key, examples_key,
+                        loaded, defense, target, attacks, shard, ranks, device, progress)
+    if ranks.distributed:
+        _merge_shards(key, store, shard, ranks)
+        barrier(ranks)  # rank 0 has committed every batch: the shards' copies can go
+        shard.forget(key)
+        if not ranks.is_main:
+            return []
+    return finish_rows(key, setup, store, loaded, defense, target, attacks, spec, device, phases, progress)
+
+
+def _attack_batches(starts, reusable, label, spec, setup, key, examples_key, loaded, defense, target, attacks,
+                    shard, ranks, device, progress) -> None:
+    """Attack and judge the batches at ``starts`` (or judge their ``reusable`` stored examples),
+    committing each to ``shard`` as soon as it is done."""
+    images, labels, indices = loaded.data.as_float(), loaded.data.labels, loaded.data.index
+    for start in tqdm(starts, desc=f"{label}: attack + evaluate", unit="batch", disable=not progress):
         stop, reused = start + spec.batch_size, reusable.get(start)
         with PeakMemory(device) as peak:
             records, cost, blobs, histories = evaluate_batch(
@@ -449,13 +475,6 @@ def run(
             cost.update(attack_s=reused.attack_s, attack_s_by_attack=reused.attack_s_by_attack, attack_reused_from=reused.source)
         cost.update(peak_mib=peak.mib, device=device_name(device), rank=ranks.rank)
         shard.commit_batch(key, start, records, cost, examples_key, blobs if reused is None else [], histories)
-    if ranks.distributed:
-        _merge_shards(key, store, shard, ranks)
-        barrier(ranks)  # rank 0 has committed every batch: the shards' copies can go
-        shard.forget(key)
-        if not ranks.is_main:
-            return []
-    return finish_rows(key, setup, store, loaded, defense, target, attacks, spec, device)
 
 
 def _pending_batches(spec: RunSpec, n: int, key: str, store: ResultStore | None, shard: ResultStore, ranks: Ranks) -> list[int]:
@@ -496,7 +515,8 @@ def _merge_shards(key: str, store: ResultStore | None, shard: ResultStore, ranks
                 have.add(batch[0])
 
 
-def finish_rows(key, setup, store, loaded, defense, target, attacks, spec, device) -> list[dict]:
+def finish_rows(key, setup, store, loaded, defense, target, attacks, spec, device,
+                phases: PhaseTimes | None = None, progress: bool = False) -> list[dict]:
     """Sanity checks (once per setup, kept in the store) and the rows, built from the store."""
     modes = setup["evaluation_modes"]
     frames = {mode: store.per_image(key, mode) for mode in modes}
@@ -505,8 +525,9 @@ def finish_rows(key, setup, store, loaded, defense, target, attacks, spec, devic
     stored = store.sanity(key)
     if stored is None:
         started = time.perf_counter()
-        checks = sanity_checks(defense, target, attacks, loaded.classifier, loaded.data.as_float().to(device),
-                               loaded.data.labels.to(device), loaded.data.index, spec, frames)
+        with (PhaseTimes() if phases is None else phases).phase("sanity checks"):
+            checks = sanity_checks(defense, target, attacks, loaded.classifier, loaded.data.as_float().to(device),
+                                   loaded.data.labels.to(device), loaded.data.index, spec, frames, progress)
         stored = {m: [dataclasses.asdict(c) for c in cs] for m, cs in checks.items()}, time.perf_counter() - started
         store.save_sanity(key, *stored)
     checks, sanity_wall = stored
@@ -622,10 +643,12 @@ def robust_by_attack(per_image: pd.DataFrame, attacks: list[Attack]) -> str:
 
 
 def sanity_checks(
-    defense, target, attacks, classifier, images, labels, indices, spec: RunSpec, frames: dict[str, pd.DataFrame]
+    defense, target, attacks, classifier, images, labels, indices, spec: RunSpec, frames: dict[str, pd.DataFrame],
+    progress: bool = False,
 ) -> dict[str, list]:
     """Per evaluation mode, the sanity checks on the first ``sanity.images`` images of the row
-    (sanity.py); the row's own results (``frames``) are the full-budget reference."""
+    (sanity.py); the row's own results (``frames``) are the full-budget reference. ``progress``
+    shows a bar naming the running check (the first mode's: later modes judge the same examples)."""
     config, modes = sanity_config(spec), list(frames)
     n = min(config.images, len(labels))
     if n == 0:
@@ -644,8 +667,20 @@ def sanity_checks(
         return memo[key]
 
     checks = {}
-    for mode in modes:
-        full = frames[mode].iloc[:n].reset_index(drop=True)
-        evaluate = lambda attacks_, d=None, t=None, mode=mode: evaluate_all(attacks_, d, t)[mode]  # noqa: E731
-        checks[mode] = run_sanity_checks(evaluate, full, attacks, target, classifier, x, y, spec.threat, config)
+    with tqdm(total=len(check_names(attacks)), desc=f"{spec.defense}: sanity checks", unit="check",
+              disable=not progress) as bar:
+        begun = []
+
+        def started(name: str) -> None:
+            bar.update(1 if begun else 0)  # the previous check has finished
+            begun.append(name)
+            bar.set_postfix_str(f"{name} ({n} images)")
+
+        for i, mode in enumerate(modes):
+            full = frames[mode].iloc[:n].reset_index(drop=True)
+            evaluate = lambda attacks_, d=None, t=None, mode=mode: evaluate_all(attacks_, d, t)[mode]  # noqa: E731
+            checks[mode] = run_sanity_checks(evaluate, full, attacks, target, classifier, x, y, spec.threat, config,
+                                             started if i == 0 else None)
+        if begun:
+            bar.update(1)
     return checks

@@ -64,14 +64,18 @@ def run_sanity_checks(
     y: torch.Tensor,
     norm: str,
     config: SanityConfig,
+    started: Callable[[str], None] | None = None,
 ) -> list[CheckResult]:
-    """All checks on the slice (x, y). ``evaluate(attacks, defense=None, target=None)`` returns
-    per-image results of the row's defense (or another) under the row's evaluation mode;
-    ``full`` holds the row's own results on the slice (the full-budget reference)."""
+    """All checks on the slice (x, y), in the order of ``check_names``. ``evaluate(attacks,
+    defense=None, target=None)`` returns per-image results of the row's defense (or another)
+    under the row's evaluation mode; ``full`` holds the row's own results on the slice (the
+    full-budget reference); ``started(name)`` is called as each check begins (a progress bar)."""
     n = len(y)
+    started = started or (lambda name: None)
     robust = lambda frame: float(frame["robust_correct"].sum())  # noqa: E731
     results = []
 
+    started("eps-zero")
     at_zero = evaluate([a.replace(eps=0.0, steps=1 if a.steps else a.steps) for a in attacks])
     # With common random numbers the predictions themselves must agree, image by image (and,
     # under expected:K, in every pass: then each robust outcome equals the clean one).
@@ -82,27 +86,39 @@ def run_sanity_checks(
         f"{differ}/{n} predictions differ",
     ))
 
+    started("eps-monotone")
     half_eps = evaluate([a.replace(eps=a.eps / 2) for a in attacks])
     results.append(_monotone("eps-monotone", robust(half_eps), robust(full), n, "eps/2", "eps", config.tolerance))
 
-    if all(a.steps and a.steps >= 2 for a in attacks):
+    if _halvable_steps(attacks):
+        started("steps-monotone")
         half_steps = evaluate([a.replace(steps=a.steps // 2) for a in attacks])
         results.append(_monotone("steps-monotone", robust(half_steps), robust(full), n, "steps/2", "steps", config.tolerance))
 
+    started("gradients")
     results.append(gradient_check(target, x, y))
 
     unbounded = [PGDEOT(norm=norm, eps=MAX_EPS[norm], step_size=UNBOUNDED_STEP[norm], steps=config.unbounded_steps, eot=1)]
     bare = NoDefense(classifier, None)
-    for name, frame in (
-        ("unbounded-defended", evaluate(unbounded)),
-        ("unbounded-undefended", evaluate(unbounded, bare, bare)),
-    ):
+    for name, defended in (("unbounded-defended", True), ("unbounded-undefended", False)):
+        started(name)
+        frame = evaluate(unbounded) if defended else evaluate(unbounded, bare, bare)
         accuracy = robust(frame) / n
         results.append(CheckResult(
             name, accuracy <= config.unbounded_accuracy,
             f"{_images(robust(frame))}/{n} robust after {config.unbounded_steps}-step PGD with eps {MAX_EPS[norm]:g}",
         ))
     return results
+
+
+def _halvable_steps(attacks: list[Attack]) -> bool:
+    return all(a.steps and a.steps >= 2 for a in attacks)
+
+
+def check_names(attacks: list[Attack]) -> list[str]:
+    """The checks ``run_sanity_checks`` runs for a row attacked by ``attacks``, in order."""
+    steps = ["steps-monotone"] if _halvable_steps(attacks) else []
+    return ["eps-zero", "eps-monotone", *steps, "gradients", "unbounded-defended", "unbounded-undefended"]
 
 
 def _images(count: float) -> str:

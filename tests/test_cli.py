@@ -71,7 +71,12 @@ def test_run_command_writes_leaderboard_and_per_image_results(tmp_path, shared_j
               "--leaderboard-dir", str(tmp_path / "lb"), "--sanity-images", "1"]
     assert main(["run", "--defense", "hetpure", "--defense-arg", "stride=100", "--evaluation", "single,worst:2"] + common) == 0
     assert main(["run", "--defense", "none"] + common) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    # Every phase shows progress, and the time per phase ends each command.
+    for bar in ("hetpure: loading", "hetpure: attack + evaluate", "hetpure: sanity checks", "unbounded-undefended (1 images)"):
+        assert bar in err, bar
+    assert len(re.findall(r"time per phase: loading [0-9.]+ s, attack \+ evaluate [0-9.]+ s, sanity checks [0-9.]+ s, "
+                          r"leaderboard [0-9.]+ s; total [0-9.]+ s", out)) == 2
     assert "hetpure [t_l=200 t_s=100 stride=100" in out and "NFE 2" in out and "images/s, peak" in out
     assert out.count("(%, Wilson 95%, n = 2)") == 3
     # Wilson at 0, 1 or 2 of 2 images: [0, 65.8], [9.5, 90.5], [34.2, 100].

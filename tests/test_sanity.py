@@ -165,3 +165,34 @@ def test_an_honest_setup_passes_every_check_under_expected_outcomes():
     checks = sanity_checks(defense, defense, [attack], model, x, y, index, spec, frames)["expected:2"]
     assert frames["expected:2"]["robust_correct"].dtype == float
     assert all(c.passed for c in checks), summarise(checks)
+
+
+def test_each_check_is_announced_before_it_runs_in_the_order_check_names_gives():
+    """The progress bar's names: ``started(name)`` comes before that check's own evaluation."""
+    import pandas as pd
+
+    from hetpure_bench.sanity import SanityConfig, check_names, run_sanity_checks
+
+    model, x, y = linear_problem(n=4)
+    for steps, expected in ((4, 6), (1, 5)):  # one step cannot be halved: no steps-monotone
+        attack = PGDEOT(eps=EPS, step_size=0.01, steps=steps, eot=1)
+        events = []
+
+        def evaluate(attacks, defense=None, target=None):
+            a = attacks[0]
+            budget = ("eps-zero" if a.eps == 0 else "unbounded-defended" if a.eps > 0.5 and defense is None
+                      else "unbounded-undefended" if a.eps > 0.5 else "eps-monotone" if a.eps < EPS else "steps-monotone")
+            events.append(("evaluate", budget))
+            return pd.DataFrame({"clean_pred": y.tolist(), "adv_pred": y.tolist(), "clean_correct": [1.0] * 4,
+                                 "robust_correct": [0.0] * 4 if a.eps > 0.5 else [1.0] * 4})
+
+        full = evaluate([attack])
+        events.clear()
+        results = run_sanity_checks(evaluate, full, [attack], model, model, x, y, "Linf", SanityConfig(images=4),
+                                    lambda name: events.append(("started", name)))
+        names = check_names([attack])
+        assert len(names) == expected and [r.name for r in results] == names
+        assert [name for kind, name in events if kind == "started"] == names
+        for kind, name in events:  # each evaluation belongs to the check announced last
+            if kind == "evaluate":
+                assert name == [n for k, n in events[:events.index((kind, name))] if k == "started"][-1]
