@@ -428,8 +428,7 @@ def run(
     """
     validate(spec)
     phases = PhaseTimes() if phases is None else phases
-    with phases.phase("loading"):
-        loaded = load(spec, device, {} if cache is None else cache, progress and ranks.is_main)
+    loaded = load(spec, device, {} if cache is None else cache)  # the CLI has loaded it (with progress)
     defense = build_defense(spec.defense, loaded.classifier, loaded.diffusion, spec.defense_overrides, spec.seed, spec.threat)
     target = attack_model(defense, spec.gradient, mask_temperature(spec.attack))
     attacks, skipped = row_attacks(spec, defense)
