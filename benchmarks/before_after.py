@@ -21,11 +21,12 @@ import torch
 import torch.nn.functional as F
 
 from hetpure_bench.attacks.pgd_eot import PGDEOT
-from hetpure_bench.classifiers import load_classifier
+from hetpure_bench.bench.batches import evaluate_modes
+from hetpure_bench.bench.spec import RunSpec
 from hetpure_bench.data import load_cifar10
 from hetpure_bench.defenses import build_defense
-from hetpure_bench.diffusion.zoo import load_diffusion_model
-from hetpure_bench.runner import RunSpec, evaluate_modes
+from hetpure_bench.models.classifiers import load_classifier
+from hetpure_bench.models.diffusion_zoo import load_diffusion_model
 
 
 def median_seconds(fn, repeats: int) -> float:

@@ -20,15 +20,15 @@ import time
 from pathlib import Path
 
 import torch
+from report_section import write_section  # benchmarks/ is on sys.path when a script here runs
 
 from hetpure_bench.attacks.diffhammer import DiffHammer
 from hetpure_bench.attacks.pgd_eot import PGDEOT
-from hetpure_bench.classifiers import load_classifier
+from hetpure_bench.bench.runner import device_name
 from hetpure_bench.data import load_cifar10
 from hetpure_bench.defenses import build_defense
-from hetpure_bench.diffusion.zoo import load_diffusion_model
-from hetpure_bench.runner import device_name
-from report_section import write_section  # benchmarks/ is on sys.path when a script here runs
+from hetpure_bench.models.classifiers import load_classifier
+from hetpure_bench.models.diffusion_zoo import load_diffusion_model
 
 READING = """Reading: the ratio has a floor near 0.25 + what the representative costs. A DiffHammer
 iteration runs the N purifications once without a graph (N forwards), N classifier backprops,

@@ -32,16 +32,16 @@ os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from report_section import write_section  # benchmarks/ is on sys.path when a script here runs
 
-from hetpure_bench.classifiers import load_classifier
+from hetpure_bench.bench.peak_memory import PeakMemory, current_rss_bytes, peak_tensor_bytes
+from hetpure_bench.bench.runner import device_name
 from hetpure_bench.data import load_cifar10
 from hetpure_bench.defenses import build_defense
 from hetpure_bench.diffusion.sampling import activation_checkpointing
-from hetpure_bench.diffusion.zoo import load_diffusion_model
-from hetpure_bench.leaderboard import markdown_table
-from hetpure_bench.peak_memory import PeakMemory, current_rss_bytes, peak_tensor_bytes
-from hetpure_bench.runner import device_name
-from report_section import write_section  # benchmarks/ is on sys.path when a script here runs
+from hetpure_bench.models.classifiers import load_classifier
+from hetpure_bench.models.diffusion_zoo import load_diffusion_model
+from hetpure_bench.reporting.leaderboard import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 READING = """

@@ -47,11 +47,11 @@ def _add_output_options(parser: argparse.ArgumentParser) -> None:
 
 def cmd_list(args: argparse.Namespace) -> int:
     from .attacks import ATTACKS
-    from .classifiers import CLASSIFIERS
     from .data import OFFICIAL_BATCHES, OFFICIAL_FOLDER, resolve_data_spec
-    from .cache import hetpure_home
     from .defenses import DEFENSES, load_entry_point_defenses
-    from .diffusion.zoo import DIFFUSION_MODELS
+    from .models.cache import hetpure_home
+    from .models.classifiers import CLASSIFIERS
+    from .models.diffusion_zoo import DIFFUSION_MODELS
 
     cached = hetpure_home() / "cifar10" / OFFICIAL_FOLDER
     official_ready = all((cached / n).exists() for names in OFFICIAL_BATCHES.values() for n in names)
@@ -78,7 +78,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_train_denoiser(args: argparse.Namespace) -> int:
-    from .diffusion.training import TrainConfig, export_ema, train_denoiser
+    from .models.training import TrainConfig, export_ema, train_denoiser
 
     config = TrainConfig(
         out_dir=args.out, data=args.data, steps=args.steps, batch_size=args.batch_size,
@@ -92,7 +92,7 @@ def cmd_train_denoiser(args: argparse.Namespace) -> int:
 
 
 def cmd_export_denoiser(args: argparse.Namespace) -> int:
-    from .diffusion.training import export_ema
+    from .models.training import export_ema
 
     info = export_ema(Path(args.checkpoint), Path(args.dest))
     print(json.dumps(info))
@@ -100,11 +100,11 @@ def cmd_export_denoiser(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_denoiser(args: argparse.Namespace) -> int:
-    from .classifiers import classifier_entry, load_classifier
     from .data import load_cifar10
-    from .denoiser_quality import evaluate_denoiser
+    from .diffusion.denoiser_quality import evaluate_denoiser
     from .diffusion.networks import load_unet_safetensors
-    from .diffusion.zoo import DIFFUSION_MODELS, load_diffusion_model
+    from .models.classifiers import classifier_entry, load_classifier
+    from .models.diffusion_zoo import DIFFUSION_MODELS, load_diffusion_model
 
     # Check names and data before loading any network.
     classifier_entry(args.classifier)
@@ -151,7 +151,7 @@ def _parse_setting(text: str, option: str) -> tuple[str, object]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .runner import preset_sibling
+    from .bench.spec import preset_sibling
 
     specs = _run_specs(args, args.preset)
     if args.dry_run and preset_sibling(args.preset):  # a paper preset: show both protocol families
@@ -164,8 +164,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _run_specs(args: argparse.Namespace, preset: str) -> list:
     """The rows of ``run``: one spec per defense, the preset's settings under the command line's."""
+    from .bench.spec import load_preset, spec_from_preset
     from .defenses import DEFENSES, load_entry_point_defenses
-    from .runner import load_preset, spec_from_preset
 
     load_entry_point_defenses()
     if args.defense is None:  # the defenses the preset configures
@@ -194,17 +194,18 @@ def _run_specs(args: argparse.Namespace, preset: str) -> list:
 
 def _execute(specs: list, args: argparse.Namespace) -> int:
     """Check every row, load what they need, then run them through the result store."""
-    from . import distributed
+    from .bench import distributed
+    from .bench.phase_times import PhaseTimes
+    from .bench.runner import load, run
+    from .bench.spec import validate
+    from .bench.store import ResultStore
     from .diffusion.sampling import activation_checkpointing
-    from .leaderboard import write_leaderboards
-    from .phase_times import PhaseTimes
-    from .runner import load, run, validate
-    from .store import ResultStore
+    from .reporting.leaderboard import write_leaderboards
 
     for spec in specs:  # every row's input is checked before the first one runs
         validate(spec)
     if getattr(args, "dry_run", False):
-        from .dry_run import print_estimates
+        from .bench.dry_run import print_estimates
 
         print_estimates(specs)
         return 0
@@ -246,7 +247,7 @@ def _execute(specs: list, args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .runner import load_preset, spec_from_preset
+    from .bench.spec import load_preset, spec_from_preset
 
     sweeps = load_preset(args.preset).get("sweeps") or {}
     if args.name not in sweeps:
@@ -262,8 +263,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_report
-    from .store import ResultStore
+    from .bench.store import ResultStore
+    from .reporting.report import write_report
 
     store_path = Path(args.store)
     if not store_path.is_file():
@@ -280,8 +281,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .comparison import compare_text
-    from .store import ResultStore
+    from .bench.store import ResultStore
+    from .reporting.comparison import compare_text
 
     store_path = Path(args.store)
     if not store_path.is_file():
@@ -292,10 +293,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _image_grid(args: argparse.Namespace, path: Path) -> None:
-    from . import distributed
-    from .image_grid import image_panels
-    from .plots import image_grid_plot
-    from .runner import spec_from_preset, validate
+    from .bench import distributed
+    from .bench.spec import spec_from_preset, validate
+    from .reporting.image_grid import image_panels
+    from .reporting.plots import image_grid_plot
 
     specs = [spec_from_preset(args.preset, name.strip(), data=args.data) for name in args.image_defenses.split(",")]
     for spec in specs:
@@ -310,9 +311,9 @@ def _image_grid(args: argparse.Namespace, path: Path) -> None:
 
 
 def _report(row: dict, leaderboard_dir: Path, store_path: Path) -> None:
-    from .accuracy_cells import accuracy_cell
-    from .n_evaluation import n_evaluation_lines
-    from .runner import convergence_warning
+    from .bench.n_evaluation import n_evaluation_lines
+    from .bench.rows import convergence_warning
+    from .reporting.accuracy_cells import accuracy_cell
 
     print(
         f"{row['defense']} [{row['defense_config']}] | {row['classifier']} + {row['diffusion_model']} | "

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .cache import hetpure_home
-from .download import checksum_matches, download
 from .errors import DataNotFoundError, DownloadError, UserError
+from .models.cache import hetpure_home
+from .models.download import checksum_matches, download
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 SPLITS = ("train", "test")

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from linear_models import LinearClassifier, linear_problem, linf_breakable
 from torch import nn
 
 from hetpure_bench.attacks import attack_label, build_attacks
@@ -11,7 +12,6 @@ from hetpure_bench.attacks.convergence import AttackHistory, converged
 from hetpure_bench.attacks.losses import LOSSES, loss_function
 from hetpure_bench.attacks.threat import perturbation_size, project, uniform_in_ball
 from hetpure_bench.errors import UserError
-from linear_models import LinearClassifier, linear_problem, linf_breakable
 
 # ---------------------------------------------------------------- losses
 

@@ -3,9 +3,9 @@ import json
 
 import pytest
 
-from hetpure_bench import artifacts
-from hetpure_bench.artifacts import Artifact, artifact_index, fetch, missing_message, verify
 from hetpure_bench.errors import ChecksumError
+from hetpure_bench.models import artifacts
+from hetpure_bench.models.artifacts import Artifact, artifact_index, fetch, missing_message, verify
 
 
 def test_index_entries_are_complete():

@@ -1,5 +1,7 @@
 import pytest
 import torch
+from linear_models import FixedDefense, linear_problem, linf_breakable
+from tiny_models import tiny_models
 from torch import nn
 
 from hetpure_bench.attacks import attack_label, build_attacks, mask_temperature
@@ -8,10 +10,8 @@ from hetpure_bench.attacks.gradients import BPDA, attack_model
 from hetpure_bench.attacks.threat import perturbation_size
 from hetpure_bench.attacks.torchattacks_adapter import TorchAttack
 from hetpure_bench.defenses import build_defense
+from hetpure_bench.diffusion.noise import randn_like
 from hetpure_bench.errors import UserError
-from hetpure_bench.noise import randn_like
-from linear_models import FixedDefense, linear_problem, linf_breakable
-from tiny_models import tiny_models
 
 EPS = 0.03
 

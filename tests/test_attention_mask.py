@@ -2,10 +2,16 @@ import pytest
 import torch
 from torch import nn
 
-from hetpure_bench.attention_mask import (
-    MASK_HOOKS, MaskConfig, attention_mask, capture_attention, normalise_map, threshold_map, union_map,
+from hetpure_bench.defenses.attention_mask import (
+    MaskConfig,
+    attention_mask,
+    capture_attention,
+    normalise_map,
+    threshold_map,
+    union_map,
 )
 from hetpure_bench.errors import UserError
+from hetpure_bench.models.classifiers import MASK_HOOKS
 
 
 class Planted(nn.Module):
@@ -109,7 +115,7 @@ def test_hook_specifications_name_real_modules():
     import torchvision
     from pyautoattack.examples.resnet import ResNet18
 
-    from hetpure_bench.robustbench_compat import import_robustbench
+    from hetpure_bench.models.robustbench_compat import import_robustbench
 
     import_robustbench()
     from robustbench.model_zoo.architectures.dm_wide_resnet import DMWideResNet

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from hetpure_bench.classifiers import CLASSIFIERS, load_classifier
 from hetpure_bench.data import load_cifar10
 from hetpure_bench.errors import UnknownNameError, UserError
+from hetpure_bench.models.classifiers import CLASSIFIERS, load_classifier
 
 
 def test_embedded_resnet18_is_registered_and_offline():
@@ -48,9 +48,9 @@ def _write_robustbench_standard(path, state):
 
 
 def test_robustbench_checkpoint_goes_through_robustbench_loader_and_is_pinned(monkeypatch):
-    from hetpure_bench.artifacts import get_artifact
-    from hetpure_bench.classifiers import _robustbench_architecture, robustbench_file
     from hetpure_bench.errors import ChecksumError
+    from hetpure_bench.models.artifacts import get_artifact
+    from hetpure_bench.models.classifiers import _robustbench_architecture, robustbench_file
 
     torch.manual_seed(0)
     state = {k: v.half() if v.is_floating_point() else v for k, v in _robustbench_architecture("Standard").state_dict().items()}
@@ -76,8 +76,8 @@ def test_robustbench_checkpoint_goes_through_robustbench_loader_and_is_pinned(mo
 def test_offline_robustbench_download_is_one_line_and_leaves_nothing(monkeypatch):
     import robustbench.utils
 
-    from hetpure_bench.artifacts import MissingArtifactError
-    from hetpure_bench.classifiers import robustbench_file
+    from hetpure_bench.models.artifacts import MissingArtifactError
+    from hetpure_bench.models.classifiers import robustbench_file
 
     def offline(*args, **kwargs):
         raise ConnectionError("no route to drive.google.com")
@@ -91,9 +91,9 @@ def test_offline_robustbench_download_is_one_line_and_leaves_nothing(monkeypatch
 
 
 def test_user_supplied_weights_fail_clearly(tmp_path):
-    from hetpure_bench.artifacts import MissingArtifactError
-    from hetpure_bench.classifiers import load_state_dict_file
     from hetpure_bench.errors import ChecksumError
+    from hetpure_bench.models.artifacts import MissingArtifactError
+    from hetpure_bench.models.classifiers import load_state_dict_file
 
     with pytest.raises(MissingArtifactError, match="download it by hand"):
         load_classifier("wrn-70-16-dm")
@@ -128,7 +128,7 @@ def _randomise(model, seed):
 
 
 def _robustbench_architectures():
-    from hetpure_bench.robustbench_compat import import_robustbench
+    from hetpure_bench.models.robustbench_compat import import_robustbench
 
     import_robustbench()  # robustbench imports autoattack, which pyautoattack provides
     from robustbench.model_zoo.architectures import dm_wide_resnet, wide_resnet
@@ -141,7 +141,7 @@ def _images():
 
 
 def test_wrn_70_16_dropout_file_loads_and_normalises_inside(tmp_path):
-    from hetpure_bench.classifiers import load_state_dict_file, wrn_dropout
+    from hetpure_bench.models.classifiers import load_state_dict_file, wrn_dropout
 
     plain = _randomise(_robustbench_architectures()[0].WideResNet(depth=10, widen_factor=1, dropRate=0.3), seed=0).double().eval()
     path = tmp_path / "weights.pt"
@@ -158,7 +158,7 @@ def test_wrn_70_16_dropout_file_loads_and_normalises_inside(tmp_path):
 
 
 def test_dm_wrn_70_16_file_under_model_state_dict_loads(tmp_path):
-    from hetpure_bench.classifiers import dm_wrn, load_state_dict_file
+    from hetpure_bench.models.classifiers import dm_wrn, load_state_dict_file
 
     dm = _robustbench_architectures()[1]
     plain = dm.DMWideResNet(num_classes=10, depth=10, width=1, activation_fn=dm.Swish, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))

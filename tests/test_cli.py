@@ -5,12 +5,12 @@ import sys
 
 import pandas as pd
 import pytest
-
 from conftest import HANG_GUARD_S
+from test_training import _train_tar
+
+from hetpure_bench.bench.store import ResultStore
 from hetpure_bench.cli import main
 from hetpure_bench.diffusion.networks import load_unet_safetensors
-from hetpure_bench.store import ResultStore
-from test_training import _train_tar
 
 
 def _run_module(*args):
@@ -111,7 +111,7 @@ def test_sweep_runs_one_row_per_point(tmp_path, monkeypatch, capsys):
               "attacks": {"pgd-eot": {"steps": 1, "eot": 1}}, "batch_size": 2, "sanity": {"images": 0},
               "sweeps": {"t": {"defense": "diffpure", "n_images": 1, "points": [
                   {"t_star": 0.02, "sampler": "ddim", "ddim_stride": 20}, {"t_star": 0.04, "sampler": "ddim", "ddim_stride": 40}]}}}
-    monkeypatch.setattr("hetpure_bench.runner.load_preset", lambda name: json.loads(json.dumps(preset)))
+    monkeypatch.setattr("hetpure_bench.bench.spec.load_preset", lambda name: json.loads(json.dumps(preset)))
     data = write_image_tar(tmp_path / "test.tar", 2, "test")
     args = ["--data", str(data), "--leaderboard-dir", str(tmp_path / "lb")]
     assert main(["sweep", "t"] + args) == 0
@@ -124,13 +124,14 @@ def test_sweep_runs_one_row_per_point(tmp_path, monkeypatch, capsys):
 
 def test_no_checkpointing_changes_no_result(tmp_path, monkeypatch):
     from conftest import write_image_tar
-    import hetpure_bench.runner as runner
+
+    import hetpure_bench.bench.runner as runner
     from hetpure_bench.diffusion import sampling
 
     preset = {"classifier": "resnet18-pyautoattack", "diffusion_model": "embedded-denoiser", "n_images": 2,
               "attacks": {"pgd-eot": {"steps": 1, "eot": 2}}, "batch_size": 2, "sanity": {"images": 0},
               "defenses": {"hetpure": {"stride": 100}}}
-    monkeypatch.setattr("hetpure_bench.runner.load_preset", lambda name: json.loads(json.dumps(preset)))
+    monkeypatch.setattr("hetpure_bench.bench.spec.load_preset", lambda name: json.loads(json.dumps(preset)))
     checkpointing, real_run = [], runner.run
     monkeypatch.setattr(runner, "run", lambda *a, **k: checkpointing.append(sampling._CHECKPOINTING.get()) or real_run(*a, **k))
     data = write_image_tar(tmp_path / "test.tar", 2, "test")
@@ -206,8 +207,9 @@ def test_run_several_defenses_validates_all_before_running(capsys):
 
 def _existing_results(folder):
     """A leaderboard folder with one finished row in its store, as an earlier run leaves it."""
-    from hetpure_bench.leaderboard import write_leaderboards
     from test_leaderboard import _row
+
+    from hetpure_bench.reporting.leaderboard import write_leaderboards
 
     with ResultStore(folder / "results.sqlite") as store:
         store.save_rows("earlier", {"single": _row()})
@@ -217,7 +219,8 @@ def _existing_results(folder):
 
 def test_every_bad_input_is_one_line_exit_2_and_leaves_earlier_results_alone(tmp_path, capsys):
     from conftest import write_image_tar
-    from hetpure_bench.classifiers import robustbench_file
+
+    from hetpure_bench.models.classifiers import robustbench_file
 
     lb = tmp_path / "lb"
     lb.mkdir()

@@ -7,13 +7,13 @@ import math
 import numpy as np
 import pytest
 
-from hetpure_bench.accuracy_cells import accuracy_cell
+from hetpure_bench.bench.rows import make_row
+from hetpure_bench.bench.store import ResultStore, setup_hash
 from hetpure_bench.cli import main
-from hetpure_bench.comparison import find_row, report_section
 from hetpure_bench.errors import UserError
-from hetpure_bench.report import write_report
-from hetpure_bench.runner import make_row
-from hetpure_bench.store import ResultStore, setup_hash
+from hetpure_bench.reporting.accuracy_cells import accuracy_cell
+from hetpure_bench.reporting.comparison import find_row, report_section
+from hetpure_bench.reporting.report import write_report
 
 N = 32
 PGD = "PGD-EOT(Linf, 10 steps, EOT 2)"
@@ -35,7 +35,7 @@ def _outcomes(*runs):
 
 def _add(store, clean, robust, indices=range(N), modes=("single",), checks=(), **labels):
     """Register a setup, commit its per-image records (the same outcomes for every mode) and
-    save its rows as the runner does (runner.make_row, with these sanity ``checks``); returns
+    save its rows as the runner does (rows.make_row, with these sanity ``checks``); returns
     the setup hash."""
     indices = list(indices)
     setup = {"defense": "hetpure", "defense_config": HETPURE_CONFIG, "classifier": "c", "diffusion_model": "d",

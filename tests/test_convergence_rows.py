@@ -6,16 +6,16 @@ from dataclasses import dataclass, field
 import pandas as pd
 import pytest
 import torch
+from test_leaderboard import _records, _row, store_with
+from test_report import _png_size
+from test_runner import _spec, _tiny_runs
 
 from hetpure_bench.attacks import ATTACKS
 from hetpure_bench.attacks.base import Attack
 from hetpure_bench.attacks.convergence import AttackHistory, combined_counts
+from hetpure_bench.bench.store import ResultStore
+from hetpure_bench.bench.stored_histories import decode, encode, robust_counts
 from hetpure_bench.registry import Entry
-from hetpure_bench.store import ResultStore
-from hetpure_bench.stored_histories import decode, encode, robust_counts
-from test_leaderboard import _records, _row, store_with
-from test_report import _png_size
-from test_runner import _spec, _tiny_runs
 
 
 def _history(counts: list[int], images: int = 3) -> torch.Tensor:
@@ -92,7 +92,7 @@ def test_counts_are_summed_record_by_record_and_a_shorter_history_keeps_its_last
 
 
 def test_histories_are_stored_with_their_batch_and_summed_over_batches(tmp_path, monkeypatch):
-    from hetpure_bench.runner import attack_key, run
+    from hetpure_bench.bench.runner import attack_key, run
 
     _tiny_runs(monkeypatch)
     attack = _scripted(monkeypatch, *CONVERGING)
@@ -132,8 +132,8 @@ def test_a_shards_batches_carry_their_histories_into_the_main_store(tmp_path):
 
 @pytest.mark.parametrize("script, verdict", [(CONVERGING, "yes"), (STILL_FALLING, "yes"), (LATE_DROP, "no")])
 def test_converged_through_a_real_run_and_the_warning_run_prints(tmp_path, monkeypatch, capsys, script, verdict):
+    from hetpure_bench.bench.runner import run
     from hetpure_bench.cli import _report
-    from hetpure_bench.runner import run
 
     _tiny_runs(monkeypatch)
     _scripted(monkeypatch, *script)
@@ -150,7 +150,7 @@ def test_converged_through_a_real_run_and_the_warning_run_prints(tmp_path, monke
 
 
 def test_pgd_eot_rows_carry_the_check_of_every_iterate_the_returned_one_last(tmp_path, monkeypatch):
-    from hetpure_bench.runner import run
+    from hetpure_bench.bench.runner import run
 
     attacks = _tiny_runs(monkeypatch)
     with ResultStore(tmp_path / "r.sqlite") as store:
@@ -164,7 +164,7 @@ def test_pgd_eot_rows_carry_the_check_of_every_iterate_the_returned_one_last(tmp
 
 
 def test_rows_without_history_say_n_a(tmp_path, monkeypatch):
-    from hetpure_bench.runner import run
+    from hetpure_bench.bench.runner import run
 
     _tiny_runs(monkeypatch)
     with ResultStore(tmp_path / "r.sqlite") as store:
@@ -182,7 +182,7 @@ def test_rows_without_history_say_n_a(tmp_path, monkeypatch):
 
 
 def test_the_leaderboard_has_a_converged_column_after_sanity(tmp_path):
-    from hetpure_bench.leaderboard import COLUMNS, HEADLINE_COLUMNS, write_leaderboards
+    from hetpure_bench.reporting.leaderboard import COLUMNS, HEADLINE_COLUMNS, write_leaderboards
 
     assert COLUMNS[COLUMNS.index("sanity") + 1] == "converged"
     assert HEADLINE_COLUMNS[HEADLINE_COLUMNS.index("sanity") + 1] == "converged"
@@ -214,7 +214,7 @@ def _convergence_rows():
 
 
 def test_the_convergence_figure_has_one_line_per_attack_history(tmp_path):
-    from hetpure_bench.plots import convergence_lines, convergence_plot
+    from hetpure_bench.reporting.plots import convergence_lines, convergence_plot
 
     lines = convergence_lines(_convergence_rows())
     assert [(label.split(":")[0], done) for label, _, done in lines] == [
@@ -226,7 +226,7 @@ def test_the_convergence_figure_has_one_line_per_attack_history(tmp_path):
 
 
 def test_the_report_draws_the_figure_and_names_the_rows_not_converged(tmp_path):
-    from hetpure_bench.report import write_report
+    from hetpure_bench.reporting.report import write_report
 
     path = write_report(_convergence_rows(), "r", tmp_path, "store.sqlite", [])
     text = path.read_text()

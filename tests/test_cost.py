@@ -4,8 +4,8 @@ from hetpure_bench.attacks.apgd import APGDEOT
 from hetpure_bench.attacks.autoattack import AutoAttackSuite
 from hetpure_bench.attacks.pgd_eot import PGDEOT
 from hetpure_bench.attacks.torchattacks_adapter import TorchAttack
+from hetpure_bench.bench.cost import PassTimes, estimate, forward_queries, gradient_evaluations
 from hetpure_bench.cli import main
-from hetpure_bench.cost import PassTimes, estimate, forward_queries, gradient_evaluations
 
 
 def test_gradient_evaluations_per_attack():
@@ -51,7 +51,7 @@ def test_dry_run_prints_each_row_and_runs_nothing(tmp_path, capsys):
 def test_readme_sizing_table_is_the_one_the_dry_run_prints():
     from pathlib import Path
 
-    from hetpure_bench.dry_run import SIZES, points
+    from hetpure_bench.bench.dry_run import SIZES, points
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     sizes = "| images | " + " | ".join(str(n) for n in SIZES) + " |"

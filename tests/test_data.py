@@ -6,13 +6,13 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+from conftest import random_images, write_pickle_batch
 from PIL import Image
 
-from conftest import random_images, write_pickle_batch
 from hetpure_bench import data
 from hetpure_bench.data import CLASSES, OFFICIAL_BATCHES, load_cifar10
-from hetpure_bench.download import file_digest
 from hetpure_bench.errors import DataNotFoundError, UserError
+from hetpure_bench.models.download import file_digest
 
 
 def _pickle_folder(folder, n_test=20, n_train=10):

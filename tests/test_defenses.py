@@ -2,16 +2,16 @@ import math
 
 import pytest
 import torch
+from tiny_models import tiny_models
 
 from hetpure_bench.defenses import DEFENSES, build_defense
 from hetpure_bench.defenses.diffpure import DiffPure, DiffPureConfig
 from hetpure_bench.defenses.hetpure import HeterogeneousPurifier, HetPureConfig, distinct_prefix
 from hetpure_bench.diffusion import sampling
+from hetpure_bench.diffusion.noise import randn_like
 from hetpure_bench.diffusion.sampling import ddim_sample
 from hetpure_bench.diffusion.schedule import VPSchedule, q_forward, q_sample, timestep_grid
-from hetpure_bench.noise import randn_like
 from hetpure_bench.errors import UnknownNameError, UserError
-from tiny_models import tiny_models
 
 S = VPSchedule()
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from hetpure_bench.denoiser_quality import ddim_purify, evaluate_denoiser, one_step_psnr, psnr
+from hetpure_bench.diffusion.denoiser_quality import ddim_purify, evaluate_denoiser, one_step_psnr, psnr
 from hetpure_bench.diffusion.schedule import VPSchedule
 
 S = VPSchedule()

@@ -4,6 +4,8 @@ import math
 
 import pytest
 import torch
+from linear_models import FixedDefense, LinearClassifier, linear_problem, linf_breakable
+from tiny_models import tiny_models
 
 from hetpure_bench.attacks import attack_label, build_attacks
 from hetpure_bench.attacks.apgd import APGDEOT
@@ -11,16 +13,15 @@ from hetpure_bench.attacks.diffattack import DeviationAPGD, DiffAttack, deviatio
 from hetpure_bench.attacks.gradients import BPDA, attack_model, check_deviation_states
 from hetpure_bench.attacks.losses import LOSSES
 from hetpure_bench.attacks.threat import perturbation_size
-from hetpure_bench.cost import gradient_evaluations
+from hetpure_bench.bench.batches import attack_and_evaluate
+from hetpure_bench.bench.cost import gradient_evaluations
+from hetpure_bench.bench.spec import RunSpec, spec_from_preset, validate
 from hetpure_bench.defenses import DEFENSES, build_defense
 from hetpure_bench.defenses.base import DeviationStates, NoDefense, exposes_deviation_states
+from hetpure_bench.diffusion.noise import randn_like
 from hetpure_bench.diffusion.schedule import CLEAN, VPSchedule, q_sample
 from hetpure_bench.diffusion.vp_sde import VPSDE, solver_times
 from hetpure_bench.errors import UserError
-from hetpure_bench.noise import randn_like
-from hetpure_bench.runner import RunSpec, attack_and_evaluate, spec_from_preset, validate
-from linear_models import FixedDefense, LinearClassifier, linear_problem, linf_breakable
-from tiny_models import tiny_models
 
 S = VPSchedule()
 

@@ -2,6 +2,8 @@ import math
 
 import pytest
 import torch
+from linear_models import FixedDefense, LinearClassifier, linear_problem, linf_breakable
+from tiny_models import tiny_models
 from torch import nn
 
 from hetpure_bench.attacks import attack_label, build_attacks
@@ -9,12 +11,10 @@ from hetpure_bench.attacks.diffhammer import DiffHammer, e_step_log_weights, gra
 from hetpure_bench.attacks.gradients import BPDA, attack_model
 from hetpure_bench.attacks.losses import loss_function
 from hetpure_bench.attacks.threat import perturbation_size, project
-from hetpure_bench.cost import forward_queries, gradient_evaluations
+from hetpure_bench.bench.cost import forward_queries, gradient_evaluations
 from hetpure_bench.defenses import build_defense
+from hetpure_bench.diffusion.noise import CopyReplay, rand_like, randn_like, stream_seed
 from hetpure_bench.errors import UserError
-from hetpure_bench.noise import CopyReplay, rand_like, randn_like, stream_seed
-from linear_models import FixedDefense, LinearClassifier, linear_problem, linf_breakable
-from tiny_models import tiny_models
 
 # ---------------------------------------------------------------- the EM step on constructed cases
 

@@ -2,8 +2,8 @@ import hashlib
 
 import pytest
 
-from hetpure_bench.download import checksum_matches, download, file_digest, verify_checksum
 from hetpure_bench.errors import ChecksumError, DownloadError
+from hetpure_bench.models.download import checksum_matches, download, file_digest, verify_checksum
 
 
 def _source(tmp_path, content: bytes):

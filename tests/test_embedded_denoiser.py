@@ -2,10 +2,10 @@
 
 import pytest
 
-from hetpure_bench.classifiers import load_classifier
 from hetpure_bench.data import load_cifar10
-from hetpure_bench.denoiser_quality import evaluate_denoiser
-from hetpure_bench.diffusion.zoo import DIFFUSION_MODELS, embedded_denoiser_path, load_diffusion_model
+from hetpure_bench.diffusion.denoiser_quality import evaluate_denoiser
+from hetpure_bench.models.classifiers import load_classifier
+from hetpure_bench.models.diffusion_zoo import DIFFUSION_MODELS, embedded_denoiser_path, load_diffusion_model
 
 
 def test_embedded_denoiser_file_is_small_and_described():

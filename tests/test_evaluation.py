@@ -4,9 +4,17 @@ import torch
 from torch import nn
 
 from hetpure_bench.attacks.pgd_eot import PGDEOT
+from hetpure_bench.bench.batches import attack_and_evaluate, evaluate_batch
+from hetpure_bench.bench.evaluation import (
+    combine,
+    judged_labels,
+    outcomes,
+    parse_evaluation_mode,
+    predict,
+    worst_case,
+)
+from hetpure_bench.bench.spec import RunSpec
 from hetpure_bench.errors import UserError
-from hetpure_bench.evaluation import combine, judged_labels, outcomes, parse_evaluation_mode, predict, worst_case
-from hetpure_bench.runner import RunSpec, attack_and_evaluate, evaluate_batch
 
 
 class Scripted(nn.Module):

@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 import torch
 from scipy.signal import convolve2d
+from test_defenses import CountingModel
+from tiny_models import tiny_models
 
 from hetpure_bench.defenses import build_defense
 from hetpure_bench.defenses.gdmp import guidance_scale, similarity
+from hetpure_bench.defenses.ssim import ssim
 from hetpure_bench.diffusion.schedule import VPSchedule
 from hetpure_bench.errors import UserError
-from hetpure_bench.ssim import ssim
-from test_defenses import CountingModel
-from tiny_models import tiny_models
 
 S = VPSchedule()
 
@@ -149,7 +149,7 @@ REFERENCE_BATCH = 100  # the official code's batch size: its similarity is a mea
 @pytest.fixture
 def recorded_noise(monkeypatch):
     """Every noise tensor the package draws, in order (noise._draw serves all its draws)."""
-    from hetpure_bench import noise
+    from hetpure_bench.diffusion import noise
 
     draws, draw = [], noise._draw
 
@@ -351,7 +351,7 @@ def test_guidance_batch_divides_the_guidance():
 
 
 def test_label_says_when_gdmp_is_reduced_or_modified():
-    from hetpure_bench.runner import spec_from_preset
+    from hetpure_bench.bench.spec import spec_from_preset
 
     classifier, diffusion = tiny_models()
     default = build_defense("gdmp", classifier, diffusion)

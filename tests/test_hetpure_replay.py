@@ -14,12 +14,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import TinyClassifier
 
 from hetpure_bench.defenses import build_defense
 from hetpure_bench.defenses import hetpure as hetpure_module
 from hetpure_bench.diffusion import schedule as schedule_module
 from hetpure_bench.errors import UserError
-from tiny_models import TinyClassifier
 
 BETAS = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
 ALPHA_BAR = torch.cumprod(1 - BETAS, 0)

@@ -4,9 +4,15 @@ import math
 import pandas as pd
 import pytest
 
-from hetpure_bench.leaderboard import COLUMNS, HEADLINE_COLUMNS, HEADLINE_NOTE, headline, write_leaderboards
-from hetpure_bench.statistics import bootstrap_interval
-from hetpure_bench.store import ResultStore
+from hetpure_bench.bench.statistics import bootstrap_interval
+from hetpure_bench.bench.store import ResultStore
+from hetpure_bench.reporting.leaderboard import (
+    COLUMNS,
+    HEADLINE_COLUMNS,
+    HEADLINE_NOTE,
+    headline,
+    write_leaderboards,
+)
 
 
 def _row(**changes):

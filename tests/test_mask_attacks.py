@@ -5,6 +5,8 @@ import math
 
 import pytest
 import torch
+from test_runner import _Images
+from tiny_models import tiny_models
 from torch import nn
 
 from hetpure_bench.attacks import ATTACKS, HETPURE_ADAPTIVE, build_attacks
@@ -12,14 +14,12 @@ from hetpure_bench.attacks.apgd import APGDEOT
 from hetpure_bench.attacks.gradients import BPDA
 from hetpure_bench.attacks.mask_attacks import MaskAvoidingAPGD, MaskAwareAPGD, geometric_schedule
 from hetpure_bench.attacks.threat import mask_avoiding_projection, perturbation_size
-from hetpure_bench.attention_mask import attention_mask
+from hetpure_bench.bench.spec import spec_from_preset, validate
+from hetpure_bench.bench.store import ResultStore
 from hetpure_bench.defenses import build_defense
+from hetpure_bench.defenses.attention_mask import attention_mask
 from hetpure_bench.defenses.hetpure import HeterogeneousPurifier
 from hetpure_bench.errors import UserError
-from hetpure_bench.runner import spec_from_preset, validate
-from hetpure_bench.store import ResultStore
-from test_runner import _Images
-from tiny_models import tiny_models
 
 TINY_HETPURE = {"t_l": 40, "t_s": 20, "stride": 20, "mask.tau": 0.5}  # 2 network calls, masks about half the pixels
 SEEDS = [11, 12, 13]  # per-image attack streams, as the runner seeds them
@@ -290,7 +290,7 @@ N = 8  # images of the runner tests
 def _tiny_hetpure_runs(monkeypatch):
     """runner.run on N generated 8x8 images with HookedClassifier and the tiny diffusion model,
     labelled by the classifier."""
-    from hetpure_bench import runner
+    from hetpure_bench.bench import runner
 
     _, diffusion = tiny_models()
     classifier = HookedClassifier().eval().requires_grad_(False)
@@ -302,7 +302,7 @@ def _tiny_hetpure_runs(monkeypatch):
 
 
 def _adaptive_spec(defense, eps=0.02):  # a budget at which the members break different images
-    from hetpure_bench.runner import RunSpec
+    from hetpure_bench.bench.spec import RunSpec
 
     sizes = {"steps": 1, "eot": 1}
     attack = {"name": "hetpure-adaptive", "apgd-eot": sizes, "mask-aware-apgd": sizes, "mask-avoiding-apgd": sizes}
@@ -311,7 +311,7 @@ def _adaptive_spec(defense, eps=0.02):  # a budget at which the members break di
 
 
 def test_hetpure_adaptive_row_is_the_per_image_worst_case_of_its_members(tmp_path, monkeypatch):
-    from hetpure_bench.runner import run
+    from hetpure_bench.bench.runner import run
 
     _tiny_hetpure_runs(monkeypatch)
     with ResultStore(tmp_path / "r.sqlite") as store:
@@ -332,7 +332,7 @@ def test_hetpure_adaptive_row_is_the_per_image_worst_case_of_its_members(tmp_pat
 
 
 def test_hetpure_adaptive_skips_the_mask_members_where_there_is_no_mask(tmp_path, monkeypatch):
-    from hetpure_bench.runner import run
+    from hetpure_bench.bench.runner import run
 
     _tiny_hetpure_runs(monkeypatch)
     with ResultStore(tmp_path / "r.sqlite") as store:

@@ -4,16 +4,16 @@ batch) to the row, the leaderboard, the run's summary and the report."""
 import pandas as pd
 import pytest
 import torch
+from test_leaderboard import _row, _wilson
+from test_runner import _spec, _tiny_runs
 
 from hetpure_bench.attacks.apgd import APGDEOT
 from hetpure_bench.attacks.convergence import AttackHistory
 from hetpure_bench.attacks.diffhammer import DiffHammer, DiffHammerHistory
-from hetpure_bench.n_evaluation import n_evaluation_fields
-from hetpure_bench.statistics import bootstrap_interval
-from hetpure_bench.store import ResultStore
-from hetpure_bench.stored_histories import encode
-from test_leaderboard import _row, _wilson
-from test_runner import _spec, _tiny_runs
+from hetpure_bench.bench.n_evaluation import n_evaluation_fields
+from hetpure_bench.bench.statistics import bootstrap_interval
+from hetpure_bench.bench.store import ResultStore
+from hetpure_bench.bench.stored_histories import encode
 
 
 def _hammer_history(avg: list[list[float]], wor: list[list[bool]]) -> bytes:
@@ -85,10 +85,10 @@ def test_a_suite_row_with_diffhammer_shows_its_own_n_evaluation_everywhere(tmp_p
     """On the deterministic defense `none` every purification is the classifier's prediction, so
     an image survives DiffHammer's Avg and Wor exactly when the member's returned example is
     classified right: both equal the member's own robust accuracy in the runner's evaluation."""
+    from hetpure_bench.bench.runner import run
     from hetpure_bench.cli import _report
-    from hetpure_bench.leaderboard import write_leaderboards
-    from hetpure_bench.report import write_report
-    from hetpure_bench.runner import run
+    from hetpure_bench.reporting.leaderboard import write_leaderboards
+    from hetpure_bench.reporting.report import write_report
 
     _tiny_runs(monkeypatch)
     members = [{"name": "pgd-eot"}, {"name": "diffhammer"}]
@@ -115,8 +115,9 @@ def test_a_suite_row_with_diffhammer_shows_its_own_n_evaluation_everywhere(tmp_p
 
 
 def test_rows_without_diffhammer_and_rows_stored_before_show_a_dash(tmp_path):
-    from hetpure_bench.leaderboard import write_leaderboards
     from test_leaderboard import store_with
+
+    from hetpure_bench.reporting.leaderboard import write_leaderboards
 
     with store_with(tmp_path / "s.sqlite", [_row(), _row(defense="none", diffhammer_avg="-", diffhammer_wor="-")]) as store:
         path = write_leaderboards(store, tmp_path)[0]

@@ -1,9 +1,9 @@
 import pytest
 import torch
+from tiny_models import tiny_models
 
 from hetpure_bench.defenses import build_defense
-from hetpure_bench.noise import NoiseStreams, rand_like, randn_like, stream_seed
-from tiny_models import tiny_models
+from hetpure_bench.diffusion.noise import NoiseStreams, rand_like, randn_like, stream_seed
 
 
 def test_one_generator_per_row_draws_each_row_from_its_own_stream():
@@ -83,7 +83,7 @@ def test_a_snapshot_draws_what_comes_next_and_moves_neither():
 
 
 def test_a_copy_replay_hands_each_image_its_chosen_copys_noise():
-    from hetpure_bench.noise import CopyReplay
+    from hetpure_bench.diffusion.noise import CopyReplay
 
     for seeds in ([11, 12], 5):
         streams = NoiseStreams(seeds)

@@ -1,9 +1,9 @@
 import time
 
 import torch
-
 from conftest import HANG_GUARD_S
-from hetpure_bench.peak_memory import PeakMemory, current_rss_bytes, peak_tensor_bytes
+
+from hetpure_bench.bench.peak_memory import PeakMemory, current_rss_bytes, peak_tensor_bytes
 
 
 def _until_sampled_twice(peak: PeakMemory) -> None:

@@ -1,14 +1,14 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from linear_models import FixedDefense
+from tiny_models import tiny_models
 from torch import nn
 
 from hetpure_bench.attacks.pgd_eot import PGDEOT
 from hetpure_bench.attacks.threat import project, uniform_in_ball
+from hetpure_bench.diffusion.noise import randn_like
 from hetpure_bench.errors import UserError
-from hetpure_bench.noise import randn_like
-from linear_models import FixedDefense
-from tiny_models import tiny_models
 
 
 class Linear2(nn.Module):

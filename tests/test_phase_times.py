@@ -2,7 +2,7 @@
 
 import pytest
 
-from hetpure_bench.phase_times import PhaseTimes
+from hetpure_bench.bench.phase_times import PhaseTimes
 
 
 def test_phases_add_up_in_first_run_order_and_count_a_failing_phase():

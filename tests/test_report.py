@@ -3,15 +3,15 @@ import struct
 
 import pytest
 import torch
-
-from hetpure_bench.defenses import build_defense
-from hetpure_bench.leaderboard import write_leaderboards
-from hetpure_bench.plots import cost_plot, error_lengths, image_grid_plot, scatter_plot, strength_plot
-from hetpure_bench.published import load_published
-from hetpure_bench.report import write_report
-from hetpure_bench.report_tables import side_by_side
 from test_leaderboard import _row, store_with
 from tiny_models import tiny_models
+
+from hetpure_bench.defenses import build_defense
+from hetpure_bench.reporting.leaderboard import write_leaderboards
+from hetpure_bench.reporting.plots import cost_plot, error_lengths, image_grid_plot, scatter_plot, strength_plot
+from hetpure_bench.reporting.published import load_published
+from hetpure_bench.reporting.report import write_report
+from hetpure_bench.reporting.tables import side_by_side
 
 PUBLISHED = load_published("""
 - {method: hetpure, classifier: wrn-28-10-standard, threat: Linf, eps: 8/255, clean: 93.16, robust: 80.45,

@@ -12,10 +12,10 @@ from contextlib import closing
 
 import pandas as pd
 import pytest
-
 from conftest import HANG_GUARD_S, write_image_tar
-from hetpure_bench.leaderboard import COST_COLUMNS
-from hetpure_bench.store import ResultStore
+
+from hetpure_bench.bench.store import ResultStore
+from hetpure_bench.reporting.leaderboard import COST_COLUMNS
 
 N_IMAGES = 6
 
@@ -35,7 +35,7 @@ CORES = sorted(os.sched_getaffinity(0))[:2]
 KILLED_BEFORE_SECOND_COMMIT = """
 import os, signal, sys
 from hetpure_bench.cli import main
-from hetpure_bench.store import ResultStore
+from hetpure_bench.bench.store import ResultStore
 commit, commits = ResultStore.commit_batch, []
 def commit_or_die(self, *args):
     commits.append(args[1])

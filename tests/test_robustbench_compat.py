@@ -3,7 +3,7 @@ import sys
 
 import pyautoattack
 
-from hetpure_bench.robustbench_compat import import_robustbench
+from hetpure_bench.models.robustbench_compat import import_robustbench
 
 
 def test_robustbench_imports_through_the_alias():

@@ -5,17 +5,18 @@ from dataclasses import dataclass
 import pandas as pd
 import pytest
 import torch
+from tiny_models import tiny_models
 
 from hetpure_bench.attacks.base import Attack
 from hetpure_bench.attacks.gradients import attack_model, parse_gradient_mode
 from hetpure_bench.attacks.pgd_eot import PGDEOT
+from hetpure_bench.bench.batches import attack_and_evaluate, evaluate_modes
+from hetpure_bench.bench.evaluation import majority_vote, parse_evaluation_mode, predict
+from hetpure_bench.bench.spec import RunSpec, parse_eps, spec_from_preset, validate
+from hetpure_bench.bench.statistics import wilson_interval
+from hetpure_bench.bench.store import ResultStore
 from hetpure_bench.defenses import build_defense
 from hetpure_bench.errors import UserError
-from hetpure_bench.evaluation import majority_vote, parse_evaluation_mode, predict
-from hetpure_bench.runner import RunSpec, attack_and_evaluate, evaluate_modes, parse_eps, spec_from_preset, validate
-from hetpure_bench.statistics import wilson_interval
-from hetpure_bench.store import ResultStore
-from tiny_models import tiny_models
 
 
 def _data(n=6):
@@ -156,8 +157,9 @@ def test_bad_attack_settings_are_refused_before_running():
 
 
 def test_several_attacks_count_an_image_robust_only_if_it_survives_all():
-    from hetpure_bench.runner import robust_by_attack
     from linear_models import linear_problem, linf_breakable
+
+    from hetpure_bench.bench.rows import robust_by_attack
 
     model, x, y = linear_problem(n=16)
     defense = build_defense("none", model, None)
@@ -187,7 +189,7 @@ def test_the_smoke_preset_keeps_every_registered_defense_at_smoke_scale():
 
 def test_paper_presets_come_in_two_protocol_families():
     """`paper-*-reference` is the authors' evaluation; `paper-*` the strongest the project offers."""
-    from hetpure_bench.runner import preset_sibling
+    from hetpure_bench.bench.spec import preset_sibling
 
     for stem in ("paper-wrn28-linf", "paper-wrn28-l2", "paper-wrn70-linf"):
         assert preset_sibling(stem) == f"{stem}-reference" and preset_sibling(f"{stem}-reference") == stem
@@ -208,7 +210,8 @@ def test_the_image_subset_has_its_own_seed(tmp_path):
     """data_seed picks the images, seed the noise: the reference draws images with RandomState(0)
     and seeds its noise with 2024."""
     from conftest import write_image_tar
-    from hetpure_bench.runner import load
+
+    from hetpure_bench.bench.runner import load
 
     data = write_image_tar(tmp_path / "test.tar", 30, "test")
     base = RunSpec(defense="none", data=str(data), n_images=4, seed=2024, data_seed=0)
@@ -235,8 +238,9 @@ class _Images:
 def _tiny_runs(monkeypatch):
     """runner.run on 6 generated 8x8 images with a tiny diffusion model and a linear classifier
     (whose predictions vary with DiffPure's noise); returns the list of attack calls."""
-    from hetpure_bench import runner
     from linear_models import LinearClassifier
+
+    from hetpure_bench.bench import runner
 
     _, diffusion = tiny_models()
     g = torch.Generator().manual_seed(0)
@@ -257,7 +261,7 @@ def _spec(defense, **changes):
 
 
 def test_rerunning_with_other_evaluation_settings_judges_the_stored_examples_without_attacking(tmp_path, monkeypatch, capsys):
-    from hetpure_bench.runner import attack_key, run
+    from hetpure_bench.bench.runner import attack_key, run
 
     attacks = _tiny_runs(monkeypatch)
     with ResultStore(tmp_path / "r.sqlite") as store:
@@ -288,7 +292,7 @@ def test_rerunning_with_other_evaluation_settings_judges_the_stored_examples_wit
 
 
 def test_a_deterministic_defense_judges_stored_examples_under_any_seed_alike(tmp_path, monkeypatch):
-    from hetpure_bench.runner import run
+    from hetpure_bench.bench.runner import run
 
     attacks = _tiny_runs(monkeypatch)
     with ResultStore(tmp_path / "r.sqlite") as store:
@@ -301,7 +305,7 @@ def test_a_deterministic_defense_judges_stored_examples_under_any_seed_alike(tmp
 
 
 def test_the_attack_key_ignores_exactly_the_evaluation_settings():
-    from hetpure_bench.runner import attack_key
+    from hetpure_bench.bench.runner import attack_key
 
     setup = {"eps": "0.0313725", "seed": 0, "evaluation_modes": ["single"], "sanity": {"images": 8}}
     same = {**setup, "evaluation_modes": ["worst:5"], "eval_seed": 3, "sanity": {"images": 0}}
@@ -339,7 +343,7 @@ class Sleeping(Attack):
 
 
 def test_attack_seconds_sums_each_attack_over_the_batches_and_says_dash_without_them():
-    from hetpure_bench.runner import attack_seconds
+    from hetpure_bench.bench.rows import attack_seconds
 
     attacks = [Sleeping(0.1), Sleeping(0.2)]
     costs = [{"attack_s_by_attack": [1.0, 2.5]}, {"attack_s_by_attack": [0.5, 0.3]}]
@@ -350,8 +354,8 @@ def test_attack_seconds_sums_each_attack_over_the_batches_and_says_dash_without_
 
 def test_each_attack_is_timed_alone_and_reused_examples_copy_its_seconds(tmp_path, monkeypatch):
     from hetpure_bench.attacks import ATTACKS
+    from hetpure_bench.bench.runner import run
     from hetpure_bench.registry import Entry
-    from hetpure_bench.runner import run
 
     _tiny_runs(monkeypatch)
     short, long = Sleeping(0.02), Sleeping(0.1)

@@ -1,12 +1,14 @@
 """Each sanity check passes on an honest setup and fails on a defense built to fool it."""
 
 import torch
+from linear_models import FixedDefense, linear_problem
 
 from hetpure_bench.attacks.pgd_eot import PGDEOT
+from hetpure_bench.bench.batches import attack_and_evaluate
+from hetpure_bench.bench.runner import sanity_checks
+from hetpure_bench.bench.sanity import summarise
+from hetpure_bench.bench.spec import RunSpec
 from hetpure_bench.defenses.base import NoDefense
-from hetpure_bench.runner import RunSpec, attack_and_evaluate, sanity_checks
-from hetpure_bench.sanity import summarise
-from linear_models import FixedDefense, linear_problem
 
 EPS = 0.04
 
@@ -117,7 +119,7 @@ def _fractional_checks(robust_by_budget, zero_robust=None, tolerance=1):
     that returns scripted frames per attack budget (eps/2, steps/2, full, unbounded)."""
     import pandas as pd
 
-    from hetpure_bench.sanity import SanityConfig, run_sanity_checks
+    from hetpure_bench.bench.sanity import SanityConfig, run_sanity_checks
 
     model, x, y = linear_problem(n=4)
     clean = [0.5, 1.0, 0.25, 1.0]
@@ -171,7 +173,7 @@ def test_each_check_is_announced_before_it_runs_in_the_order_check_names_gives()
     """The progress bar's names: ``started(name)`` comes before that check's own evaluation."""
     import pandas as pd
 
-    from hetpure_bench.sanity import SanityConfig, check_names, run_sanity_checks
+    from hetpure_bench.bench.sanity import SanityConfig, check_names, run_sanity_checks
 
     model, x, y = linear_problem(n=4)
     for steps, expected in ((4, 6), (1, 5)):  # one step cannot be halved: no steps-monotone

@@ -4,7 +4,15 @@ import pytest
 import torch
 
 from hetpure_bench.diffusion.schedule import (
-    CLEAN, VPSchedule, ddim_step, ddpm_mean_variance, ddpm_posterior_step, ddpm_step, predict_x0, q_forward, q_sample,
+    CLEAN,
+    VPSchedule,
+    ddim_step,
+    ddpm_mean_variance,
+    ddpm_posterior_step,
+    ddpm_step,
+    predict_x0,
+    q_forward,
+    q_sample,
     timestep_grid,
 )
 

@@ -5,8 +5,13 @@ import math
 import numpy as np
 import pytest
 
-from hetpure_bench.statistics import (
-    accuracy_interval, bootstrap_interval, half_width, mcnemar_exact, paired_difference, wilson_interval,
+from hetpure_bench.bench.statistics import (
+    accuracy_interval,
+    bootstrap_interval,
+    half_width,
+    mcnemar_exact,
+    paired_difference,
+    wilson_interval,
 )
 
 Z95 = 1.959963984540054

@@ -2,8 +2,8 @@ import sqlite3
 
 import pytest
 
+from hetpure_bench.bench.store import ResultStore, StoredExamples, setup_hash
 from hetpure_bench.errors import UserError
-from hetpure_bench.store import ResultStore, StoredExamples, setup_hash
 
 
 def _records(start, n, correct=True):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hetpure_bench.attacks.threat import perturbation_size, project
-from hetpure_bench.stored_examples import decode, encode
+from hetpure_bench.bench.stored_examples import decode, encode
 
 RAW_BYTES = 32 * 3 * 32 * 32 * 2  # 32 CIFAR-10 images in float16: 196,608 bytes
 

@@ -4,16 +4,16 @@ the preset, the members that cannot run against a defense skipped and named."""
 from dataclasses import dataclass
 
 import pytest
+from test_runner import _spec, _tiny_runs
 
 from hetpure_bench.attacks import ATTACKS, DEFAULT_SUITE, attack_label, build_attacks
 from hetpure_bench.attacks.apgd import APGDEOT
 from hetpure_bench.attacks.pgd_eot import PGDEOT
+from hetpure_bench.bench.spec import placeholder_defense, row_attacks, spec_from_preset, validate
+from hetpure_bench.bench.statistics import wilson_interval
+from hetpure_bench.bench.store import ResultStore
 from hetpure_bench.errors import UserError
 from hetpure_bench.registry import Entry
-from hetpure_bench.runner import placeholder_defense, row_attacks, spec_from_preset, validate
-from hetpure_bench.statistics import wilson_interval
-from hetpure_bench.store import ResultStore
-from test_runner import _spec, _tiny_runs
 
 MEMBERS = {"apgd-eot": {"steps": 1, "eot": 1}}  # tiny members: one iteration each
 APGD_PAIR = [{"name": "apgd-eot", "loss": "margin"}, {"name": "apgd-eot", "loss": "ce"}]
@@ -24,7 +24,7 @@ def _build(settings):
 
 
 def test_the_suite_row_is_the_per_image_worst_case_with_each_members_own_accuracy(tmp_path, monkeypatch):
-    from hetpure_bench.runner import run
+    from hetpure_bench.bench.runner import run
 
     _tiny_runs(monkeypatch)
     with ResultStore(tmp_path / "r.sqlite") as store:
@@ -116,7 +116,7 @@ def _with_member(defense, gradient="full", members=({"name": "apgd-eot", "loss":
 
 
 def test_members_that_do_not_apply_are_skipped_and_named_in_the_label(tmp_path, monkeypatch, needs_states):
-    from hetpure_bench.runner import run
+    from hetpure_bench.bench.runner import run
 
     calls = _tiny_runs(monkeypatch)  # counts PGD-EOT's (so NeedsStates') attacks
     for defense, gradient, expected in (("none", "full", []), ("diffpure", "bpda", []), ("diffpure", "full", ["NeedsStates(1 steps)"])):
@@ -148,7 +148,7 @@ def test_the_smoke_and_strong_presets_size_the_suite():
     assert smoke.attack["name"] == "pgd-eot"  # the main command's attack stays PGD-EOT
     members = _build(spec_from_preset("smoke", "hetpure", attack={"name": "suite"}).attack)
     assert [(getattr(a, "loss", None), a.steps, a.eot) for a in members] == [("margin", 10, 2), ("ce", 10, 2), (None, 5, 2)]
-    from hetpure_bench.runner import load_preset
+    from hetpure_bench.bench.spec import load_preset
 
     defenses = list(load_preset("strong")["defenses"])
     assert defenses == ["none", "diffpure", "hetpure"]

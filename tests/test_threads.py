@@ -4,8 +4,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import write_image_tar
+
 from hetpure_bench import threads
 from hetpure_bench.cli import main
 from hetpure_bench.errors import UserError

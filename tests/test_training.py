@@ -1,9 +1,9 @@
 import torch
-
 from conftest import write_image_tar
-from hetpure_bench.diffusion.networks import load_unet_safetensors
-from hetpure_bench.diffusion.training import TrainConfig, export_ema, train_denoiser
 from test_networks import TINY
+
+from hetpure_bench.diffusion.networks import load_unet_safetensors
+from hetpure_bench.models.training import TrainConfig, export_ema, train_denoiser
 
 TINY32 = {**TINY, "sample_size": 32}
 

@@ -1,10 +1,10 @@
 import pytest
 import torch
+from test_defenses import CountingModel, _x
+from tiny_models import tiny_models
 
 from hetpure_bench.defenses import DEFENSES, HETPURE_VARIANTS, build_defense
 from hetpure_bench.diffusion.resampling import denoising_steps, jump_schedule
-from test_defenses import CountingModel, _x
-from tiny_models import tiny_models
 
 SMALL = {"t_l": 40, "t_s": 20, "stride": 10, "resample_steps": 2}
 

@@ -1,12 +1,12 @@
 import pytest
 import torch
 from diffusers import UNet2DModel
-
-from hetpure_bench.artifacts import MissingArtifactError, get_artifact
-from hetpure_bench.diffusion import zoo
-from hetpure_bench.diffusion.zoo import DDPM_CIFAR10_CONFIG, DIFFUSION_MODELS, load_diffusion_model
-from hetpure_bench.errors import ChecksumError
 from tiny_models import TINY_UNET
+
+from hetpure_bench.errors import ChecksumError
+from hetpure_bench.models import diffusion_zoo as zoo
+from hetpure_bench.models.artifacts import MissingArtifactError, get_artifact
+from hetpure_bench.models.diffusion_zoo import DDPM_CIFAR10_CONFIG, DIFFUSION_MODELS, load_diffusion_model
 
 
 def test_ddpm_cifar10_architecture_has_the_published_size():
@@ -39,7 +39,7 @@ def _cached_folder():
 def test_offline_without_a_copy_names_the_file_url_and_place(monkeypatch):
     import dataclasses
 
-    from hetpure_bench import artifacts
+    from hetpure_bench.models import artifacts
 
     real = artifacts.artifact_index()
     unreachable = {k: dataclasses.replace(v, url="http://127.0.0.1:9/" + v.path) for k, v in real.items()}

@@ -53,8 +53,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..defenses.base import Defense
+from ..diffusion.noise import CopyReplay
 from ..errors import UserError
-from ..noise import CopyReplay
 from .apgd import APGDEOT, MOMENTUM, StepSizeSchedule, _keep_better
 from .base import Attack
 from .convergence import AttackHistory

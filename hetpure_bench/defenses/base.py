@@ -34,9 +34,9 @@ from typing import Any, Callable, ClassVar, Iterator, Sequence
 import torch
 from torch import nn
 
+from ..diffusion.noise import Generators, NoiseStreams
 from ..diffusion.schedule import VPSchedule, diffuse
 from ..errors import UserError
-from ..noise import Generators, NoiseStreams
 
 
 class Defense(nn.Module):

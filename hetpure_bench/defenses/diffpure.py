@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..diffusion.noise import Generators, randn_like
 from ..diffusion.sampling import NetworkCaller, OnState, ddim_transition, sample_loop
 from ..diffusion.schedule import CLEAN, ddpm_step, q_sample_with_noise, timestep_grid
 from ..diffusion.vp_sde import VPSDE, solver_times
 from ..errors import UserError
-from ..noise import Generators, randn_like
 from .base import Defense, DeviationStates, StateLog
 
 SAMPLERS = ("ddpm", "ddim", "sde")

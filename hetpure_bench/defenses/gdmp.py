@@ -21,12 +21,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..diffusion.noise import randn_like
 from ..diffusion.sampling import NetworkCaller, sample_loop
 from ..diffusion.schedule import CLEAN, VARIANCES, VPSchedule, ddpm_mean_variance, q_sample
 from ..errors import UserError
-from ..noise import randn_like
-from ..ssim import PADDINGS, ssim
 from .base import Defense
+from .ssim import PADDINGS, ssim
 
 SIMILARITIES = {"mse": 60000.0, "ssim": 70000.0}
 NOISE_LEVELS = ("t_guide", "first_call")

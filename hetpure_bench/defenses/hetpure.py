@@ -21,16 +21,21 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..attention_mask import MaskConfig, attention_mask
+from ..diffusion.noise import rand_like
 from ..diffusion.resampling import denoising_steps, jump_schedule
 from ..diffusion.sampling import NetworkCaller, OnState, sample_loop
 from ..diffusion.schedule import (
-    CLEAN, ddim_step, ddpm_posterior_step, q_forward, q_sample, q_sample_with_noise, timestep_grid,
+    CLEAN,
+    ddim_step,
+    ddpm_posterior_step,
+    q_forward,
+    q_sample,
+    q_sample_with_noise,
+    timestep_grid,
 )
 from ..errors import UserError
-from ..noise import rand_like
+from .attention_mask import MaskConfig, attention_mask
 from .base import Defense, DeviationStates, StateLog
-
 
 RESAMPLING = ("single", "multi", "none")
 MASK_MODES = ("attention", "ones", "zeros", "random")

@@ -19,7 +19,7 @@ from functools import cached_property
 
 import torch
 
-from ..noise import Generators, randn_like
+from .noise import Generators, randn_like
 
 CLEAN = -1
 """The time index of the clean image (alpha_bar = 1)."""

@@ -6,13 +6,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .attacks import build_attacks, mask_temperature
-from .attacks.gradients import attack_model
-from .data import CLASSES
-from .defenses import build_defense
-from .noise import image_seeds
-from .runner import RunSpec, load
-from .stored_examples import decode, encode
+from ..attacks import build_attacks, mask_temperature
+from ..attacks.gradients import attack_model
+from ..bench.runner import load
+from ..bench.spec import RunSpec
+from ..bench.stored_examples import decode, encode
+from ..data import CLASSES
+from ..defenses import build_defense
+from ..diffusion.noise import image_seeds
 
 
 def _hwc(image01: torch.Tensor) -> np.ndarray:

@@ -11,7 +11,7 @@ from typing import Callable
 
 from tqdm.auto import tqdm
 
-from .errors import ChecksumError, DownloadError, UserError
+from ..errors import ChecksumError, DownloadError, UserError
 
 _CHUNK = 1 << 20
 

@@ -17,13 +17,13 @@ import hashlib
 import json
 import sqlite3
 import time
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import pandas as pd
 
-from .errors import UserError
+from ..errors import UserError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS setups (

@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attacks.base import Attack
-from .attacks.pgd_eot import PGDEOT
-from .attacks.threat import MAX_EPS
-from .defenses.base import NoDefense
-from .errors import UserError
+from ..attacks.base import Attack
+from ..attacks.pgd_eot import PGDEOT
+from ..attacks.threat import MAX_EPS
+from ..defenses.base import NoDefense
+from ..errors import UserError
 
 if TYPE_CHECKING:
     import pandas as pd

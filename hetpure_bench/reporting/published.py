@@ -25,5 +25,5 @@ class PublishedResult:
 def load_published(text: str | None = None) -> list[PublishedResult]:
     """The shipped published results (or those in ``text``, YAML of the same form)."""
     if text is None:
-        text = (resources.files("hetpure_bench") / "published.yaml").read_text()
+        text = (resources.files("hetpure_bench.reporting") / "published.yaml").read_text()
     return [PublishedResult(**{**entry, "eps": str(entry["eps"])}) for entry in yaml.safe_load(text)]

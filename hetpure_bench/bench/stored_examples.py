@@ -17,7 +17,7 @@ import zlib
 import numpy as np
 import torch
 
-from .attacks.threat import project
+from ..attacks.threat import project
 
 
 def encode(x_adv01: torch.Tensor, x01: torch.Tensor) -> bytes:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pandas as pd
 
+from ..bench.evaluation import parse_evaluation_mode
 from .accuracy_cells import accuracy_cell
-from .evaluation import parse_evaluation_mode
 from .published import PublishedResult
 
 # What the published purification numbers were measured on (METHOD.md): a measured row matches

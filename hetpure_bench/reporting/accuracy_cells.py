@@ -1,12 +1,12 @@
 """A row's accuracies with their stored 95% intervals, as tables and summary lines show them.
 
-Rows (runner.make_row) carry ``clean_ci`` and ``robust_ci`` as [low, high] fractions and
+Rows (bench/rows.make_row) carry ``clean_ci`` and ``robust_ci`` as [low, high] fractions and
 ``interval_method``; rows stored before intervals were lack them and show "[-]".
 """
 
 from __future__ import annotations
 
-from .statistics import Interval
+from ..bench.statistics import Interval
 
 
 def row_interval(row: dict, which: str) -> Interval | None:

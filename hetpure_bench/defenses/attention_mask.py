@@ -18,19 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UserError
-
-# Blocks hooked per architecture (module names relative to the classifier; see METHOD.md).
-MASK_HOOKS: dict[str, tuple[str, ...]] = {
-    # RobustBench WideResNet-28-10: inner ReLU of the last block of each group + final ReLU.
-    "wrn-28-10": ("block1.layer.3.relu2", "block2.layer.3.relu2", "block3.layer.3.relu2", "relu"),
-    # DeepMind-style WRN-70-16 (11 blocks per group): relu_1 of each group's last block + final ReLU.
-    "dm-wrn-70-16": ("layer.0.block.10.relu_1", "layer.1.block.10.relu_1", "layer.2.block.10.relu_1", "relu"),
-    # RobustBench-style WideResNet-70-16 (11 blocks per group), as in DiffPure's wrn-70-16-dropout.
-    "wrn-70-16": ("block1.layer.10.relu2", "block2.layer.10.relu2", "block3.layer.10.relu2", "relu"),
-    "resnet-18": ("layer1", "layer2", "layer3", "layer4"),
-    "resnet-50": ("layer1", "layer2", "layer3", "layer4"),
-}
+from ..errors import UserError
+from ..models.classifiers import MASK_HOOKS
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from .atomic import write_text_atomic
+from ..atomic import write_text_atomic
+from ..bench.store import ResultStore
 from .accuracy_cells import accuracy_cell
 from .comparison import report_section
 from .leaderboard import cell, latest_rows, markdown_table
 from .plots import convergence_plot, cost_plot, scatter_plot, strength_plot
 from .published import PublishedResult, load_published
-from .report_tables import side_by_side
-from .store import ResultStore
+from .tables import side_by_side
 
 SUMMARY_COLUMNS = ["defense", "attack", "gradient_mode", "evaluation", "clean_acc", "robust_acc", "diffhammer_avg",
                    "diffhammer_wor", "nfe", "wall_s", "peak_mem_mib", "sanity", "converged"]
@@ -59,7 +59,7 @@ def write_report(rows: list[dict], name: str, out_dir: Path, store_label: str,
         "images) are not comparable, and smoke-scale numbers (few images, the embedded models, short "
         "attacks, the JPEG copy of CIFAR-10) say nothing about the published results.\n",
         "## Published vs measured\n",
-        "Published numbers (`hetpure_bench/published.yaml`, with sources) next to the strongest attack "
+        "Published numbers (`hetpure_bench/reporting/published.yaml`, with sources) next to the strongest attack "
         "measured here for the same method and each evaluation mode; the last column lists every way "
         "the measured setup differs from the published one.\n",
         markdown_table(side_by_side(published, rows)),

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from .atomic import write_text_atomic
-from .report_tables import robustbench_entry
-from .statistics import Interval, accuracy_interval
-from .store import ResultStore
+from ..atomic import write_text_atomic
+from ..bench.statistics import Interval, accuracy_interval
+from ..bench.store import ResultStore
+from .tables import robustbench_entry
 
 # Every setup label of a row (DEVELOPERS.md): a row is identified by all of them together.
 SETUP_COLUMNS = [

@@ -7,10 +7,10 @@ from pathlib import Path
 
 from diffusers import UNet2DModel
 
-from ..artifacts import fetch, get_artifact
+from ..diffusion.networks import EMBEDDED_UNET_CONFIG, EpsModel, build_unet, load_unet_safetensors
 from ..errors import ChecksumError
 from ..registry import Registry
-from .networks import EMBEDDED_UNET_CONFIG, EpsModel, build_unet, load_unet_safetensors
+from .artifacts import fetch, get_artifact
 
 DIFFUSION_MODELS: Registry[EpsModel] = Registry("diffusion model")
 
@@ -18,7 +18,7 @@ EMBEDDED_DENOISER_FILE = "embedded_denoiser.safetensors"
 
 
 def embedded_denoiser_path() -> Path:
-    return Path(str(resources.files("hetpure_bench") / "weights" / EMBEDDED_DENOISER_FILE))
+    return Path(str(resources.files("hetpure_bench.models") / "weights" / EMBEDDED_DENOISER_FILE))
 
 
 DIFFUSION_MODELS.register(
@@ -90,7 +90,7 @@ def score_sde_safetensors() -> Path:
 
 def load_score_sde_ddpmpp() -> EpsModel:
     """The DDPM++ EMA weights: converted once from checkpoint_8.pth to safetensors in the cache."""
-    from .ddpmpp import convert_to_safetensors, load_ddpmpp_safetensors, load_score_sde_checkpoint
+    from ..diffusion.ddpmpp import convert_to_safetensors, load_ddpmpp_safetensors, load_score_sde_checkpoint
 
     converted = score_sde_safetensors()
     if not converted.is_file():
@@ -101,13 +101,13 @@ def load_score_sde_ddpmpp() -> EpsModel:
 
 def score_sde_config():
     """The checkpoint's network configuration (score_sde vp/cifar10_ddpmpp_deep_continuous)."""
-    from .ddpmpp import DDPMppConfig
+    from ..diffusion.ddpmpp import DDPMppConfig
 
     return DDPMppConfig()
 
 
 def _ddpmpp_architecture() -> EpsModel:
-    from .ddpmpp import DDPMpp
+    from ..diffusion.ddpmpp import DDPMpp
 
     return EpsModel(DDPMpp(score_sde_config()))
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .diffusion.sampling import ddim_sample
-from .diffusion.schedule import VPSchedule, predict_x0, q_sample, timestep_grid
+from .sampling import ddim_sample
+from .schedule import VPSchedule, predict_x0, q_sample, timestep_grid
 
 
 def psnr(image01: torch.Tensor, reference01: torch.Tensor) -> torch.Tensor:

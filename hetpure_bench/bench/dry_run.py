@@ -5,15 +5,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attacks import attack_label, mask_temperature, suite_name
-from .attacks.gradients import parse_gradient_mode
-from .classifiers import classifier_entry
+from ..attacks import attack_label, mask_temperature, suite_name
+from ..attacks.gradients import parse_gradient_mode
+from ..defenses import DEFENSES
+from ..defenses.base import Defense
+from ..models.classifiers import classifier_entry
+from ..models.diffusion_zoo import DIFFUSION_MODELS
+from ..registry import Entry
 from .cost import PassTimes, estimate, measure_passes
-from .defenses import DEFENSES
-from .defenses.base import Defense
-from .diffusion.zoo import DIFFUSION_MODELS
-from .registry import Entry
-from .runner import RunSpec, evaluation_modes, placeholder_defense, row_attacks
+from .spec import RunSpec, evaluation_modes, placeholder_defense, row_attacks
 from .statistics import CONFIDENCE, half_width
 
 SIZES = (32, 64, 128, 256, 512)  # the sizing line's alternatives (README's table)

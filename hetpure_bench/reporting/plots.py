@@ -10,8 +10,8 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .published import PublishedResult  # noqa: E402
-from .report_tables import strongest_rows  # noqa: E402
+from .published import PublishedResult
+from .tables import strongest_rows
 
 SIZE_IN, DPI = (10.0, 6.0), 100  # every figure is 1000 x 600 pixels (the image grid: its own height)
 

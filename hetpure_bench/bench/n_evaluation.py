@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .attacks.base import Attack
-from .attacks.diffhammer import DiffHammer
+from ..attacks.base import Attack
+from ..attacks.diffhammer import DiffHammer
 from .statistics import accuracy_interval
 from .stored_histories import decode
 

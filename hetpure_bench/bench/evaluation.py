@@ -16,7 +16,7 @@ import time
 import torch
 from torch import nn
 
-from .errors import UserError
+from ..errors import UserError
 
 MODES = ("single", "vote", "worst", "expected")
 

@@ -18,9 +18,9 @@ from tqdm.auto import tqdm
 
 from ..atomic import atomic_path
 from ..data import load_cifar10
+from ..diffusion.networks import EMBEDDED_UNET_CONFIG, build_unet, save_unet_safetensors
+from ..diffusion.schedule import VPSchedule, q_sample
 from ..errors import UserError
-from .networks import EMBEDDED_UNET_CONFIG, build_unet, save_unet_safetensors
-from .schedule import VPSchedule, q_sample
 
 
 @dataclass

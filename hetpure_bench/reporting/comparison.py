@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .errors import UserError
+from ..bench.statistics import Interval, PairedDifference, accuracy_interval, paired_difference
+from ..bench.store import ResultStore
+from ..errors import UserError
 from .leaderboard import SETUP_COLUMNS, latest_rows
-from .statistics import Interval, PairedDifference, accuracy_interval, paired_difference
-from .store import ResultStore
 
 MIN_HASH_PREFIX = 6
 # Setup entries that are not labels of a row (the row has its own evaluation mode).

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import yaml
 
-from .atomic import write_text_atomic
+from ..atomic import write_text_atomic
+from ..errors import ChecksumError, DownloadError, UserError
 from .cache import hetpure_home
 from .download import download, file_digest
-from .errors import ChecksumError, DownloadError, UserError
 
 PINS_FILE = "pins.json"
 
@@ -46,7 +46,7 @@ class Artifact:
 
 @lru_cache(maxsize=None)
 def artifact_index() -> dict[str, Artifact]:
-    text = (resources.files("hetpure_bench") / "artifacts.yaml").read_text()
+    text = (resources.files("hetpure_bench.models") / "artifacts.yaml").read_text()
     return {name: Artifact(name=name, **fields) for name, fields in yaml.safe_load(text).items()}
 
 

@@ -11,14 +11,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .attacks.apgd import APGDEOT
-from .attacks.autoattack import AutoAttackSuite
-from .attacks.base import Attack
-from .attacks.diffattack import DiffAttack
-from .attacks.diffhammer import DiffHammer
-from .attacks.gradients import parse_gradient_mode
-from .attacks.pgd_eot import PGDEOT
-from .attacks.torchattacks_adapter import TorchAttack
+from ..attacks.apgd import APGDEOT
+from ..attacks.autoattack import AutoAttackSuite
+from ..attacks.base import Attack
+from ..attacks.diffattack import DiffAttack
+from ..attacks.diffhammer import DiffHammer
+from ..attacks.gradients import parse_gradient_mode
+from ..attacks.pgd_eot import PGDEOT
+from ..attacks.torchattacks_adapter import TorchAttack
 from .evaluation import parse_evaluation_mode
 
 # AutoAttack standard's targeted attacks run against 9 target classes.

@@ -16,7 +16,7 @@ import zlib
 import numpy as np
 import torch
 
-from .attacks.convergence import AttackHistory
+from ..attacks.convergence import AttackHistory
 
 
 def encode(history: AttackHistory) -> bytes:
