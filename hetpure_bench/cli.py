@@ -262,11 +262,36 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return _execute(specs, args)
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from .bench.protocol_study import (step_result, study_modes, study_steps,
+                                       transitions)
+    from .bench.store import ResultStore
+    from .reporting.protocol_study import study_section, write_staircase
+
+    steps = study_steps(args.defense, args.preset, data=args.data)
+    if not args.no_run:
+        _execute([spec for step in steps for spec in step.specs], args)
+    store_path = Path(args.store) if args.store else Path(args.leaderboard_dir) / "results.sqlite"
+    if not store_path.is_file():
+        raise UserError(f"no result store at {store_path}: run the study without --no-run first")
+    modes = study_modes(steps)
+    with ResultStore(store_path) as store:
+        rows = store.rows()
+        results = [step_result(store, step, rows, modes) for step in steps]
+    figure = write_staircase(args.defense, results, modes, Path(args.figure or f"protocol-{args.defense}.png"))
+    print(study_section(args.defense, results, transitions(results, modes), modes,
+                        f"preset {args.preset}, store {store_path}", str(figure)))
+    return 0
+
+
+REPORT_STORES = {"reference": "leaderboards/reference/results.sqlite"}  # other names: leaderboards/results.sqlite
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .bench.store import ResultStore
     from .reporting.report import write_report
 
-    store_path = Path(args.store)
+    store_path = Path(args.store or REPORT_STORES.get(args.name, "leaderboards/results.sqlite"))
     if not store_path.is_file():
         raise UserError(f"no result store at {store_path}: run a benchmark first (or pass --store)")
     with ResultStore(store_path) as store:
@@ -275,7 +300,12 @@ def cmd_report(args: argparse.Namespace) -> int:
             raise UserError(f"the result store {store_path} holds no finished rows")
         if args.images:
             _image_grid(args, Path(args.out) / args.name / "images.png")
-        path = write_report(rows, args.name, Path(args.out), str(store_path), store=store)
+        if args.name == "reference":
+            from .reporting.reference_report import write_reference_report
+
+            path = write_reference_report(rows, Path(args.out), str(store_path), store)
+        else:
+            path = write_report(rows, args.name, Path(args.out), str(store_path), store=store)
     print(f"report: {path} ({len(rows)} rows from {store_path})")
     return 0
 
@@ -416,8 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sweep)
 
     p = commands.add_parser("report", help="write reports/NAME/report.md with tables and figures from the result store")
-    p.add_argument("--name", default="smoke")
-    p.add_argument("--store", default="leaderboards/results.sqlite")
+    p.add_argument("--name", default="smoke", help="smoke (the generic report) or reference (the reference "
+                   "leaderboard with its headline, the protocol study and the published numbers)")
+    p.add_argument("--store", help="default: leaderboards/reference/results.sqlite for --name reference, else "
+                   "leaderboards/results.sqlite")
     p.add_argument("--out", default="reports", help="reports folder (default reports)")
     p.add_argument("--images", type=int, default=0, metavar="N",
                    help="also draw the image grid for N images (runs the attack on them; needs --data)")
@@ -426,6 +458,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_option(p)
     _add_threads_option(p)
     p.set_defaults(func=cmd_report)
+
+    p = commands.add_parser("study", help="protocol-inflation study: the authors' protocol, then one choice "
+                            "changed per step, on the same images, with paired differences")
+    p.add_argument("kind", choices=["protocol"], help="the study (protocol: steps a-d of bench/protocol_study.py)")
+    p.add_argument("--defense", default="hetpure")
+    p.add_argument("--preset", default="cpu-reference")
+    _add_data_option(p)
+    p.add_argument("--no-run", action="store_true", help="only tabulate what the store holds (missing steps: pending)")
+    p.add_argument("--figure", help="where to write the staircase figure (default protocol-DEFENSE.png)")
+    _add_output_options(p)
+    p.set_defaults(func=cmd_study, leaderboard_dir="leaderboards/reference")
 
     p = commands.add_parser("compare", help="paired comparison of two rows on the same images: the difference of "
                             "their accuracies with its interval and an exact McNemar test")

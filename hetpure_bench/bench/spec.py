@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 from torch import nn
 
-from ..attacks import applicable, build_attacks, mask_temperature
+from ..attacks import applicable, attack_label, build_attacks, mask_temperature, suite_name
 from ..attacks.base import Attack
 from ..attacks.gradients import check_mask_aware, parse_gradient_mode
 from ..attacks.threat import check_threat
@@ -122,6 +122,12 @@ def row_attacks(spec: RunSpec, defense: Defense) -> tuple[list[Attack], list[Att
     """The row's attacks that can run against ``defense`` and the suite members skipped
     (attacks.applicable)."""
     return applicable(build_attacks(spec.attack, spec.threat, spec.eps, spec.seed), spec.attack, defense, spec.gradient)
+
+
+def row_attack_label(spec: RunSpec, defense: Defense | None = None) -> str:
+    """The row's ``attack`` label: what the store's rows of this spec are called."""
+    attacks, skipped = row_attacks(spec, placeholder_defense(spec) if defense is None else defense)
+    return attack_label(attacks, mask_temperature(spec.attack), suite_name(spec.attack), skipped)
 
 
 def evaluation_seed(spec: RunSpec) -> int:

@@ -257,3 +257,30 @@ def image_grid_plot(panels: dict[str, list[dict]], path: Path) -> Path:
                         ha="right", va="center", fontsize=7)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def staircase_plot(defense: str, steps: list[tuple[str, dict]], path: Path) -> Path:
+    """Robust accuracy per protocol step (x) with 95% error bars, one line per evaluation mode
+    (``steps``: (label, mode -> Interval or None)); pending steps are left out of their line."""
+    fig, ax = plt.subplots(figsize=SIZE_IN)
+    modes = list(steps[0][1]) if steps else []
+    drawn = False
+    for k, mode in enumerate(modes):
+        points = [(i, s[1][mode]) for i, s in enumerate(steps) if s[1][mode] is not None]
+        if not points:
+            continue
+        drawn = True
+        xs = np.array([i for i, _ in points]) + (k - (len(modes) - 1) / 2) * 0.06  # modes side by side
+        ys = np.array([100 * p.value for _, p in points])
+        errors = np.array([[100 * (p.value - p.low) for _, p in points], [100 * (p.high - p.value) for _, p in points]])
+        ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=4, color=plt.cm.tab10(k), label=mode)
+    ax.set_xticks(range(len(steps)), [label for label, _ in steps])
+    ax.set(xlabel="protocol step: (a) authors' surrogate PGD-EOT, (b) full-gradient PGD-EOT, (c) APGD-EOT margin, "
+           "(d) the suite (+ mask attacks)", ylabel="robust accuracy (%), 95% interval", ylim=(0, 100),
+           title=f"Protocol inflation: {defense}, one choice changed per step")
+    ax.grid(alpha=0.3)
+    if drawn:
+        ax.legend(title="evaluation")
+    else:
+        ax.text(0.5, 0.5, "no step in the result store yet", ha="center", transform=ax.transAxes)
+    return _save(fig, path)

@@ -1,0 +1,114 @@
+"""``report --name reference``: the CPU reference leaderboard (preset cpu-reference) as a person
+reads it: a five-line summary and the headline table first, then the protocol study of hetpure
+and diffpure, then the generic report (published vs measured, full leaderboard, comparisons)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from ..bench.protocol_study import (StepResult, step_result, study_modes,
+                                    study_steps, transitions)
+from ..bench.statistics import paired_difference
+from ..bench.store import ResultStore
+from .accuracy_cells import accuracy_cell
+from .leaderboard import cell, markdown_table
+from .protocol_study import study_section, write_staircase
+from .report import write_report
+
+PRESET = "cpu-reference"
+STUDY_DEFENSES = ("hetpure", "diffpure")
+HEADLINE_MODES = ("vote:20", "expected:10", "worst:10")
+
+
+def suite_rows(rows: list[dict]) -> dict[str, dict[str, dict]]:
+    """defense -> mode -> its row under the preset's attack suite."""
+    found: dict[str, dict[str, dict]] = {}
+    for row in rows:
+        if row["preset"] == PRESET and str(row["attack"]).startswith("suite(") and row["gradient_mode"] == "full":
+            found.setdefault(row["defense"], {})[row["evaluation"]] = row
+    return found
+
+
+def headline_table(rows: list[dict]) -> pd.DataFrame:
+    """Defense, clean and robust accuracy under the suite per mode (with intervals), NFE, seconds
+    per image (attack + evaluation, 2 CPU cores) and convergence, best expected:10 robust first."""
+    by_defense = suite_rows(rows)
+    order = sorted(by_defense, key=lambda d: -float(by_defense[d].get("expected:10", {}).get("robust_acc", -1)))
+    records = []
+    for defense in order:
+        modes = by_defense[defense]
+        first = modes.get("expected:10") or next(iter(modes.values()))
+        records.append({
+            "defense": defense, "clean (expected:10)": accuracy_cell(first, "clean"),
+            **{f"robust {m}": accuracy_cell(modes[m], "robust") if m in modes else "pending" for m in HEADLINE_MODES},
+            "NFE": cell(first, "nfe"), "s / image": f"{float(first['wall_s']) / int(first['n_images']):.1f}",
+            "converged": cell(first, "converged"),
+        })
+    return pd.DataFrame(records)
+
+
+def study_results(store: ResultStore, rows: list[dict], defense: str) -> tuple[list[StepResult], list[str]]:
+    steps = study_steps(defense, PRESET)
+    modes = study_modes(steps)
+    return [step_result(store, step, rows, modes) for step in steps], modes
+
+
+def _inflation_line(defense: str, results: list[StepResult]) -> str:
+    """The authors' protocol against the strongest step measured, under the authors' vote:20."""
+    done = [r for r in results if "vote:20" in r.robust]
+    if len(done) < 2 or done[0].step.key != "a":
+        return f"{defense}: the protocol study is not complete yet (steps in the store: {', '.join(r.step.key for r in done) or 'none'})."
+    last = done[-1]
+    diff = paired_difference(last.robust["vote:20"], done[0].robust["vote:20"])
+    return (f"{defense}: the authors' protocol (a) gives {done[0].accuracy('vote:20').as_percent()} robust under "
+            f"vote:20; step ({last.step.key}) gives {last.accuracy('vote:20').as_percent()}: "
+            + diff.sentence(f"({last.step.key})", "(a)") + ".")
+
+
+def summary_lines(rows: list[dict], studies: dict[str, list[StepResult]]) -> list[str]:
+    """Five lines: the setup, the strongest and weakest defense under the suite, the two
+    inflation findings, and what is missing or not converged."""
+    table = headline_table(rows)
+    records = table.to_dict("records")
+    ours = sorted((r for r in rows if r["preset"] == PRESET), key=lambda r: r["diffusion_model"] == "-")
+    first = ours[0] if ours else None
+    setup = (f"Setup: {first['data_source']}, {first['n_images']} test images (seed {first['seed']}), {first['classifier']} + "
+             f"{first['diffusion_model']}, {first['threat']} eps {round(float(first['eps']) * 255)}/255, 2 CPU cores; numbers are "
+             "not comparable with the published ones (other data, models and attack budgets; section Published vs measured)."
+             if first else "Setup: no row of the cpu-reference preset in the store yet.")
+    if table.empty:
+        ranking = "No defense has finished its suite row yet."
+    else:
+        ranking = ("Under the attack suite (expected:10, robust % [95%]): " + "; ".join(
+            f"{r['defense']} {r['robust expected:10']}" for r in records) + ".")
+    pending = [d for d in ("none", "diffpure", "hetpure", "hetpure-v1", "gdmp", "repaint") if d not in {r["defense"] for r in records}]
+    late = [r["defense"] for r in records if r["converged"] == "no"]
+    status = ("Pending rows (not yet run to the end): " + (", ".join(pending) or "none") + "; the ablations are listed below when done. "
+              + ("Not converged (upper bounds): " + ", ".join(late) + "." if late else "Every finished suite row converged."))
+    return [setup, ranking, *(_inflation_line(d, studies[d]) for d in STUDY_DEFENSES), status]
+
+
+def write_reference_report(rows: list[dict], out_dir: Path, store_label: str, store: ResultStore) -> Path:
+    folder = Path(out_dir) / "reference"
+    studies, sections = {}, []
+    for defense in STUDY_DEFENSES:
+        results, modes = study_results(store, rows, defense)
+        studies[defense] = results
+        figure = f"protocol-{defense}.png"
+        write_staircase(defense, results, modes, folder / figure)
+        sections.append(study_section(defense, results, transitions(results, modes), modes,
+                                      f"Preset {PRESET}, the images of the headline table", figure))
+    head = [
+        "## Summary\n",
+        "\n".join(f"{k}. {line}" for k, line in enumerate(summary_lines(rows, studies), 1)) + "\n",
+        "## Headline: every defense under the attack suite\n",
+        "Robust accuracy in % [95% interval over images: Wilson for vote and worst, bootstrap for expected]; NFE: network "
+        "calls per purification; s / image: attack + evaluation seconds per image of the expected:10 row on 2 CPU cores; "
+        "converged: every member attack's robust count moved by at most one image over its last 25% of iterations.\n",
+        markdown_table(headline_table(rows)),
+        "## Protocol inflation: how much each choice of the evaluation protocol moves robustness\n",
+        *sections,
+    ]
+    return write_report(rows, "reference", Path(out_dir), store_label, store=store, head=head)

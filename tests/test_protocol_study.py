@@ -1,0 +1,154 @@
+"""The protocol-inflation study (bench/protocol_study.py, reporting/protocol_study.py) and the
+cpu-reference preset's size."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import write_image_tar
+
+from hetpure_bench.bench.cost import PassTimes, estimate
+from hetpure_bench.bench.dry_run import _defense_nfe
+from hetpure_bench.bench.protocol_study import (step_result, study_modes,
+                                                study_steps, transitions)
+from hetpure_bench.bench.spec import (evaluation_modes, load_preset,
+                                      placeholder_defense, row_attack_label,
+                                      row_attacks, spec_from_preset)
+from hetpure_bench.cli import main
+from hetpure_bench.reporting.protocol_study import (staircase_table,
+                                                    transition_table)
+
+# The cpu-reference preset's rows together: at most this many diffusion-network calls (each row's
+# attack plus its costliest evaluation mode, summed over its 128 images). About 2.7 million today:
+# `run --preset cpu-reference --dry-run` estimates 1.0 hour per 10-call row on 2 CPU cores, so
+# the preset is a multi-session job, run resumably row by row.
+MAX_PRESET_CALLS = 3_000_000
+
+
+def test_cpu_reference_preset_cost_stays_under_its_bound():
+    total = 0
+    unit = PassTimes("cpu", 1, 1.0, 1.0, 1.0, 1.0)
+    for defense in load_preset("cpu-reference")["defenses"]:
+        spec = spec_from_preset("cpu-reference", defense)
+        assert spec.n_images >= 128 and spec.evaluation == "expected:10,worst:10,vote:20"
+        model = placeholder_defense(spec)
+        attacks, _ = row_attacks(spec, model)
+        nfe, surrogate_nfe = _defense_nfe(spec, model)
+        total += spec.n_images * max(estimate(attacks, nfe, spec.gradient, mode, spec.n_images, unit, surrogate_nfe).network_calls_per_image
+                                     for mode in evaluation_modes(spec))
+    assert 0 < total <= MAX_PRESET_CALLS
+
+
+def test_study_steps_change_one_choice_at_a_time():
+    steps = study_steps("hetpure")
+    assert [s.key for s in steps] == ["a", "b", "c", "d"]
+    (a,), (b,), (c,) = steps[0].specs, steps[1].specs, steps[2].specs
+    assert (a.attack["name"], a.gradient) == ("pgd-eot", "surrogate:2") and (b.attack["name"], b.gradient) == ("pgd-eot", "full")
+    assert a.attack == b.attack  # only the gradient changes from (a) to (b)
+    assert row_attack_label(c) == "APGD-EOT(Linf, margin, 10 iter, EOT 2, 1 restart)"
+    assert [s.attack["name"] for s in steps[3].specs] == ["suite", "mask-avoiding-apgd", "mask-aware-apgd"]
+    assert steps[3].specs[2].attack["anneal"] == [0.5, 0.01]
+    assert len({(s.n_images, s.seed, s.evaluation) for step in steps for s in step.specs}) == 1  # the same images
+    assert [s.attack["name"] for s in study_steps("diffpure")[3].specs] == ["suite"]  # no mask: no mask attacks
+    assert study_modes(steps) == ["vote:20", "expected:10", "worst:10"]  # the authors' mode first
+
+
+class FakeStore:
+    """What step_result reads: per-image records by setup hash and mode."""
+
+    def __init__(self, frames: dict[tuple[str, str], pd.DataFrame]):
+        self.frames = frames
+
+    def per_image(self, key: str, mode: str) -> pd.DataFrame:
+        return self.frames.get((key, mode), pd.DataFrame())
+
+
+def _row(spec, key: str) -> dict:
+    return {"preset": spec.preset, "defense": spec.defense, "attack": row_attack_label(spec),
+            "gradient_mode": spec.gradient, "n_images": spec.n_images, "seed": spec.seed, "setup_hash": key}
+
+
+def _frame(robust: list[float], clean: list[float] | None = None) -> pd.DataFrame:
+    return pd.DataFrame({"index": range(len(robust)), "robust_correct": robust, "clean_correct": clean or [1.0] * len(robust)})
+
+
+def test_a_step_with_several_rows_keeps_the_per_image_worst_case():
+    step = study_steps("hetpure")[3]
+    rows = [_row(spec, f"k{i}") for i, spec in enumerate(step.specs)]
+    store = FakeStore({("k0", "vote:20"): _frame([1, 1, 0, 1]), ("k1", "vote:20"): _frame([1, 0, 1, 1]),
+                       ("k2", "vote:20"): _frame([1, 1, 1, 0])})
+    result = step_result(store, step, rows, ["vote:20"])
+    assert result.robust["vote:20"].tolist() == [1, 0, 0, 0] and result.missing == ()
+    assert result.accuracy("vote:20").value == 0.25
+    partial = step_result(store, step, rows[:2], ["vote:20"])  # one row not stored: the step is pending
+    assert partial.robust == {} and partial.missing == ("hetpure mask-aware-apgd (full)",)
+    assert staircase_table([partial], ["vote:20"]).loc[0, "robust vote:20"] == "pending"
+
+
+def test_transitions_are_paired_with_an_exact_mcnemar_test():
+    steps = study_steps("diffpure")[:2]
+    rows = [_row(steps[0].specs[0], "a"), _row(steps[1].specs[0], "b")]
+    # 10 images: (a) robust on 8; (b) loses 3 of them and gains none: 3 vs 0 discordant, p = 2 / 2^3.
+    store = FakeStore({("a", "worst:10"): _frame([1] * 8 + [0] * 2), ("b", "worst:10"): _frame([1] * 5 + [0] * 5)})
+    results = [step_result(store, s, rows, ["worst:10"]) for s in steps]
+    (found,) = transitions(results, ["worst:10"])
+    assert (found.earlier, found.later) == ("a", "b")
+    assert found.difference.difference == pytest.approx(-0.3)
+    assert (found.difference.a_only, found.difference.b_only) == (0, 3)
+    assert found.difference.p_value == pytest.approx(0.25)
+    assert not found.difference.distinguishable  # p = 0.25: the interval holds 0
+    table = transition_table([found])
+    assert table.loc[0, "McNemar p"] == "0.25" and table.loc[0, "distinguishable"] == "no"
+
+
+def test_study_refuses_images_that_differ_between_a_steps_rows():
+    step = study_steps("hetpure")[3]
+    rows = [_row(spec, f"k{i}") for i, spec in enumerate(step.specs)]
+    shifted = _frame([1, 1, 0]).assign(index=[5, 6, 7])
+    store = FakeStore({("k0", "vote:20"): _frame([1, 1, 0]), ("k1", "vote:20"): shifted, ("k2", "vote:20"): _frame([1, 1, 0])})
+    with pytest.raises(Exception, match="not on the same images"):
+        step_result(store, step, rows, ["vote:20"])
+
+
+def test_study_without_a_store_is_a_one_line_error(tmp_path, capsys):
+    code = main(["study", "protocol", "--defense", "hetpure", "--no-run", "--leaderboard-dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "no result store" in err
+
+
+def test_staircase_figure_is_reproducible(tmp_path):
+    from hetpure_bench.reporting.protocol_study import write_staircase
+
+    steps = study_steps("diffpure")[:2]
+    rows = [_row(steps[0].specs[0], "a"), _row(steps[1].specs[0], "b")]
+    store = FakeStore({("a", "vote:20"): _frame([1, 1, 0, 1]), ("b", "vote:20"): _frame([1, 0, 0, 1])})
+    results = [step_result(store, s, rows, ["vote:20"]) for s in steps]
+    first = write_staircase("diffpure", results, ["vote:20"], tmp_path / "one.png").read_bytes()
+    assert first == write_staircase("diffpure", results, ["vote:20"], tmp_path / "two.png").read_bytes()
+    assert np.frombuffer(first[:8], np.uint8).tolist() == [137, 80, 78, 71, 13, 10, 26, 10]  # a PNG
+
+
+@pytest.fixture(scope="module")
+def tiny_reference_store(tmp_path_factory):
+    """The cpu-reference preset's bare-classifier row on 4 generated images, 1-iteration attacks."""
+    folder = tmp_path_factory.mktemp("reference")
+    data = write_image_tar(folder / "images.tar", 8, "test")
+    assert main(["run", "--preset", "cpu-reference", "--data", str(data), "--defense", "none", "-n", "4",
+                 "--steps", "1", "--eot", "1", "--sanity-images", "0", "--batch-size", "4", "--leaderboard-dir", str(folder)]) == 0
+    return folder / "results.sqlite"
+
+
+def test_reference_report_is_regenerated_byte_for_byte(tiny_reference_store, tmp_path):
+    def report(out):
+        assert main(["report", "--name", "reference", "--store", str(tiny_reference_store), "--out", str(out)]) == 0
+        return {p.name: p.read_bytes() for p in sorted((out / "reference").iterdir())}
+
+    first, second = report(tmp_path / "one"), report(tmp_path / "two")
+    assert first == second and {"report.md", "protocol-hetpure.png", "protocol-diffpure.png"} <= set(first)
+    text = first["report.md"].decode()
+    summary = text.split("## Summary\n\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert len(summary) == 5 and summary[0].startswith("1. Setup:") and "Linf eps 8/255" in summary[0]
+    headline = text.split("## Headline", 1)[1].split("## Protocol", 1)[0]
+    assert "| none |" in headline and "| 0 |" in headline  # the bare classifier: NFE 0
+    assert "missing: hetpure pgd-eot (surrogate:2)" in text  # pending steps are named, not dropped
