@@ -92,14 +92,18 @@ def scatter_plot(rows: list[dict], published: list[PublishedResult], path: Path)
                           label="measured here: one per defense, strongest attack run, single evaluation; "
                                 "bars: 95% intervals over images")]
     # Published points are told apart in the legend, not by labels (they cluster).
-    colors = {"purification": plt.cm.Reds(np.linspace(0.45, 0.95, 4)), "reference": plt.cm.Greys(np.linspace(0.35, 0.85, 4))}
-    counters = {"purification": 0, "reference": 0}
-    for entry in published:
+    # Entries without a clean accuracy (robust-only re-evaluations) have no point here.
+    colors = {"purification": plt.cm.Reds(np.linspace(0.45, 0.95, 4)),
+              "purification-other": plt.cm.Oranges(np.linspace(0.45, 0.95, 4)),
+              "reference": plt.cm.Greys(np.linspace(0.35, 0.85, 4))}
+    styles = {"purification": ("*", 14, "published"), "purification-other": ("^", 9, "published (other purifier)"),
+              "reference": ("s", 8, "AT reference")}
+    counters = dict.fromkeys(colors, 0)
+    for entry in (p for p in published if p.clean is not None):
         color = colors[entry.kind][counters[entry.kind] % 4]
         counters[entry.kind] += 1
-        marker, size = ("*", 14) if entry.kind == "purification" else ("s", 8)
+        marker, size, kind = styles[entry.kind]
         ax.plot(entry.clean, entry.robust, marker=marker, color=color, markersize=size, linestyle="")
-        kind = "published" if entry.kind == "purification" else "AT reference"
         handles.append(plt.Line2D([], [], marker=marker, color=color, markersize=size * 0.8, linestyle="",
                                   label=f"{kind}: {entry.method}, {entry.classifier} ({entry.clean:g} / {entry.robust:g})"))
     ax.legend(handles=handles, loc="upper left", fontsize=7, title="clean / robust %, published setups: "

@@ -43,10 +43,11 @@ def convergence_summary(rows: list[dict]) -> str:
 
 def write_report(rows: list[dict], name: str, out_dir: Path, store_label: str,
                  published: list[PublishedResult] | None = None, store: ResultStore | None = None,
-                 head: list[str] = ()) -> Path:
+                 head: list[str] = (), middle: list[str] = ()) -> Path:
     """Write ``out_dir/name/report.md`` and its figures; returns the report's path. ``store``
     (the one ``rows`` come from) gives the per-image results the paired comparisons need;
-    ``head``: sections put first, after the title (reference_report's summary and study)."""
+    ``head``: sections put first, after the title, ``middle`` after the published numbers
+    (reference_report's summary and headline; its published sentence and protocol study)."""
     published = load_published() if published is None else published
     folder = Path(out_dir) / name
     scatter_plot(rows, published, folder / "robust_vs_clean.png")
@@ -66,6 +67,7 @@ def write_report(rows: list[dict], name: str, out_dir: Path, store_label: str,
         "measured here for the same method and each evaluation mode; the last column lists every way "
         "the measured setup differs from the published one.\n",
         markdown_table(side_by_side(published, rows)),
+        *middle,
     ]
     for data_source, threat in sorted({(r["data_source"], r["threat"]) for r in rows}):
         groups: dict[tuple, list[dict]] = {}

@@ -41,6 +41,8 @@ def differences(published: PublishedResult, row: dict) -> list[str]:
         found.append(f"classifier {row['classifier']} (published: {published.classifier})")
     if "AutoAttack" not in row["attack"]:
         found.append(f"attack {row['attack']} (published: {published.attack})")
+    if row["evaluation"] != published.evaluation:
+        found.append(f"evaluation {row['evaluation']} (published: {published.evaluation})")
     return found
 
 
@@ -55,9 +57,9 @@ def side_by_side(published: list[PublishedResult], rows: list[dict]) -> pd.DataF
             diff = differences(entry, row) if row else []
             lines.append({
                 "method": entry.method,
-                "published clean": entry.clean,
+                "published clean": "-" if entry.clean is None else entry.clean,  # robust-only sources
                 "published robust": entry.robust,
-                "published setup": f"{entry.classifier}; {entry.attack}; {entry.source}",
+                "published setup": f"{entry.classifier}; {entry.attack}; evaluation {entry.evaluation}; {entry.source}",
                 "measured clean": accuracy_cell(row, "clean") if row else None,
                 "measured robust": accuracy_cell(row, "robust") if row else None,
                 "measured setup": measured_setup(row) if row else "not measured",
