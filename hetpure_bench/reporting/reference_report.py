@@ -56,11 +56,11 @@ def study_results(store: ResultStore, rows: list[dict], defense: str) -> tuple[l
 
 
 def _inflation_line(defense: str, results: list[StepResult]) -> str:
-    """The authors' protocol against the strongest step measured, under the authors' vote:20."""
+    """The authors' protocol against the strongest later step measured, under the authors' vote:20."""
     done = [r for r in results if "vote:20" in r.robust]
     if len(done) < 2 or done[0].step.key != "a":
         return f"{defense}: the protocol study is not complete yet (steps in the store: {', '.join(r.step.key for r in done) or 'none'})."
-    last = done[-1]
+    last = min(done[1:], key=lambda r: r.robust["vote:20"].mean())  # the strongest later step (first on ties)
     diff = paired_difference(last.robust["vote:20"], done[0].robust["vote:20"])
     return (f"{defense}: the authors' protocol (a) gives {done[0].accuracy('vote:20').as_percent()} robust under "
             f"vote:20; step ({last.step.key}) gives {last.accuracy('vote:20').as_percent()}: "
@@ -86,7 +86,8 @@ def summary_lines(rows: list[dict], studies: dict[str, list[StepResult]]) -> lis
     pending = [d for d in ("none", "diffpure", "hetpure", "hetpure-v1", "gdmp", "repaint") if d not in {r["defense"] for r in records}]
     late = [r["defense"] for r in records if r["converged"] == "no"]
     status = ("Pending rows (not yet run to the end): " + (", ".join(pending) or "none") + "; the ablations are listed below when done. "
-              + ("Not converged (upper bounds): " + ", ".join(late) + "." if late else "Every finished suite row converged."))
+              + ("No suite row has finished yet." if not records else "Not converged (upper bounds): " + ", ".join(late) + "."
+                 if late else "Every finished suite row converged."))
     return [setup, ranking, *(_inflation_line(d, studies[d]) for d in STUDY_DEFENSES), status]
 
 
