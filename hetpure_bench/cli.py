@@ -263,8 +263,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from .bench.protocol_study import (step_result, study_modes, study_steps,
-                                       transitions)
+    from .bench.protocol_study import step_result, study_modes, study_steps, transitions
     from .bench.store import ResultStore
     from .reporting.protocol_study import study_section, write_staircase
 

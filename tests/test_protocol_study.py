@@ -10,14 +10,10 @@ from conftest import write_image_tar
 
 from hetpure_bench.bench.cost import PassTimes, estimate
 from hetpure_bench.bench.dry_run import _defense_nfe
-from hetpure_bench.bench.protocol_study import (step_result, study_modes,
-                                                study_steps, transitions)
-from hetpure_bench.bench.spec import (evaluation_modes, load_preset,
-                                      placeholder_defense, row_attack_label,
-                                      row_attacks, spec_from_preset)
+from hetpure_bench.bench.protocol_study import step_result, study_modes, study_steps, transitions
+from hetpure_bench.bench.spec import evaluation_modes, load_preset, placeholder_defense, row_attack_label, row_attacks, spec_from_preset
 from hetpure_bench.cli import main
-from hetpure_bench.reporting.protocol_study import (staircase_table,
-                                                    transition_table)
+from hetpure_bench.reporting.protocol_study import staircase_table, transition_table
 
 # The cpu-reference preset's rows together: at most this many diffusion-network calls (each row's
 # attack plus its costliest evaluation mode, summed over its 128 images). About 2.7 million today:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..attacks import attack_label, mask_temperature, suite_name
 from ..attacks.gradients import parse_gradient_mode
 from ..defenses import DEFENSES
 from ..defenses.base import Defense
@@ -13,7 +12,7 @@ from ..models.classifiers import classifier_entry
 from ..models.diffusion_zoo import DIFFUSION_MODELS
 from ..registry import Entry
 from .cost import PassTimes, estimate, measure_passes
-from .spec import RunSpec, evaluation_modes, placeholder_defense, row_attacks
+from .spec import RunSpec, evaluation_modes, placeholder_defense, row_attacks, spec_attack_label
 from .statistics import CONFIDENCE, half_width
 
 SIZES = (32, 64, 128, 256, 512)  # the sizing line's alternatives (README's table)
@@ -63,7 +62,7 @@ def print_estimates(specs: list[RunSpec]) -> None:
         defense = placeholder_defense(spec)
         attacks, skipped = row_attacks(spec, defense)
         nfe, surrogate_nfe = _defense_nfe(spec, defense)
-        label = attack_label(attacks, mask_temperature(spec.attack), suite_name(spec.attack), skipped)
+        label = spec_attack_label(spec, attacks, skipped)
         for mode in evaluation_modes(spec):
             cost = estimate(attacks, nfe, spec.gradient, mode, spec.n_images, timings[key], surrogate_nfe)
             print(f"| {spec.defense} | {key[1]} | {nfe} | {label} | {spec.gradient} | {mode} | "

@@ -20,10 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import UserError
-from .spec import (RunSpec, evaluation_modes, placeholder_defense,
-                   row_attack_label, spec_from_preset)
-from .statistics import (Interval, PairedDifference, accuracy_interval,
-                         paired_difference)
+from .spec import RunSpec, evaluation_modes, placeholder_defense, row_attack_label, spec_from_preset
+from .statistics import Interval, PairedDifference, accuracy_interval, paired_difference
 from .store import ResultStore
 
 MASK_ATTACKS = ({"name": "mask-avoiding-apgd"}, {"name": "mask-aware-apgd", "anneal": [0.5, 0.01]})
@@ -72,17 +70,17 @@ class StepResult:
     converged: tuple[str, ...]  # the rows' converged flags ("yes", "no", "n/a")
     missing: tuple[str, ...]  # the specs without a finished row
     robust: dict[str, np.ndarray]  # mode -> per-image outcome (the worst case over the step's rows)
-    clean: dict[str, np.ndarray]
 
     def accuracy(self, mode: str) -> Interval | None:
         return accuracy_interval(self.robust[mode]) if mode in self.robust else None
 
 
-def _outcomes(store: ResultStore, setup_hash: str, mode: str, column: str) -> tuple[np.ndarray, np.ndarray]:
+def _robust_outcomes(store: ResultStore, setup_hash: str, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """(image indices, robust_correct) of one stored row; empty when the mode is not stored."""
     frame = store.per_image(setup_hash, mode)
     if frame.empty:
         return np.array([]), np.array([])
-    return frame["index"].to_numpy(), frame[column].to_numpy(np.float64)
+    return frame["index"].to_numpy(), frame["robust_correct"].to_numpy(np.float64)
 
 
 def step_result(store: ResultStore, step: Step, rows: list[dict], modes: list[str]) -> StepResult:
@@ -90,20 +88,18 @@ def step_result(store: ResultStore, step: Step, rows: list[dict], modes: list[st
     found = step_rows(step, rows)
     missing = tuple(f"{s.defense} {s.attack['name']} ({s.gradient})" for s, r in zip(step.specs, found) if r is None)
     robust: dict[str, np.ndarray] = {}
-    clean: dict[str, np.ndarray] = {}
     if not missing:
         for mode in modes:
-            per_row = [_outcomes(store, r["setup_hash"], mode, "robust_correct") for r in found]
+            per_row = [_robust_outcomes(store, r["setup_hash"], mode) for r in found]
             if any(len(values) == 0 for _, values in per_row):
                 continue
             indices = per_row[0][0]
             if any(not np.array_equal(i, indices) for i, _ in per_row):
                 raise UserError(f"the rows of step ({step.key}) are not on the same images")
             robust[mode] = np.min([values for _, values in per_row], axis=0)
-            clean[mode] = _outcomes(store, found[0]["setup_hash"], mode, "clean_correct")[1]
     present = [r for r in found if r is not None]
     return StepResult(step, tuple(r["attack"] for r in present), tuple(str(r.get("converged", "n/a")) for r in present),
-                      missing, robust, clean)
+                      missing, robust)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..attacks import attack_label, mask_temperature, suite_name
+from ..attacks import mask_temperature
 from ..attacks.base import Attack
 from ..attacks.gradients import attack_model
 from ..data import load_cifar10
@@ -30,7 +30,7 @@ from .peak_memory import PeakMemory
 from .phase_times import PhaseTimes
 from .rows import make_row
 from .sanity import check_names, run_sanity_checks
-from .spec import RunSpec, evaluation_modes, evaluation_seed, row_attacks, sanity_config, validate
+from .spec import RunSpec, evaluation_modes, evaluation_seed, row_attacks, sanity_config, spec_attack_label, validate
 from .store import ResultStore, StoredExamples, setup_hash
 
 # Part of every setup hash: bump when a change of the code changes results (2: per-image noise
@@ -86,7 +86,7 @@ def setup_record(
         "image_indices_sha256": hashlib.sha256(loaded.data.index.numpy().tobytes()).hexdigest(),
         "threat": spec.threat,
         "eps": f"{spec.eps:.6g}",
-        "attack": attack_label(attacks, mask_temperature(spec.attack), suite_name(spec.attack), skipped),
+        "attack": spec_attack_label(spec, attacks, skipped),
         "attack_settings": spec.attack,
         "gradient_mode": spec.gradient,
         "evaluation_modes": evaluation_modes(spec),

@@ -124,10 +124,15 @@ def row_attacks(spec: RunSpec, defense: Defense) -> tuple[list[Attack], list[Att
     return applicable(build_attacks(spec.attack, spec.threat, spec.eps, spec.seed), spec.attack, defense, spec.gradient)
 
 
-def row_attack_label(spec: RunSpec, defense: Defense | None = None) -> str:
-    """The row's ``attack`` label: what the store's rows of this spec are called."""
-    attacks, skipped = row_attacks(spec, placeholder_defense(spec) if defense is None else defense)
+def spec_attack_label(spec: RunSpec, attacks: list[Attack], skipped: list[Attack] = ()) -> str:
+    """The row's ``attack`` label for its ``attacks`` and the suite members ``skipped``
+    (row_attacks): what the store's rows of this spec are called."""
     return attack_label(attacks, mask_temperature(spec.attack), suite_name(spec.attack), skipped)
+
+
+def row_attack_label(spec: RunSpec) -> str:
+    """The ``attack`` label of the spec's rows, without loading any network."""
+    return spec_attack_label(spec, *row_attacks(spec, placeholder_defense(spec)))
 
 
 def evaluation_seed(spec: RunSpec) -> int:

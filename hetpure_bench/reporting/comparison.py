@@ -14,8 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ..bench.statistics import (Interval, PairedDifference, accuracy_interval,
-                                paired_difference)
+from ..bench.statistics import Interval, PairedDifference, accuracy_interval, paired_difference
 from ..bench.store import ResultStore
 from ..errors import UserError
 from .leaderboard import SETUP_COLUMNS, latest_rows

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..bench.protocol_study import (StepResult, step_result, study_modes,
-                                    study_steps, transitions)
+from ..bench.protocol_study import StepResult, step_result, study_modes, study_steps, transitions
 from ..bench.statistics import paired_difference
 from ..bench.store import ResultStore
 from .accuracy_cells import accuracy_cell
