@@ -148,3 +148,15 @@ def test_reference_report_is_regenerated_byte_for_byte(tiny_reference_store, tmp
     headline = text.split("## Headline", 1)[1].split("## Protocol", 1)[0]
     assert "| none |" in headline and "| 0 |" in headline  # the bare classifier: NFE 0
     assert "missing: hetpure pgd-eot (surrogate:2)" in text  # pending steps are named, not dropped
+
+
+def test_summary_compares_the_authors_protocol_with_the_strongest_later_step():
+    from hetpure_bench.reporting.reference_report import _inflation_line
+
+    steps = study_steps("diffpure")[:3]
+    rows = [_row(step.specs[0], key) for step, key in zip(steps, "abc")]
+    # (b) is the strongest (lowest) step, (c) the last one: the summary must name (b).
+    store = FakeStore({("a", "vote:20"): _frame([1, 1, 1, 1]), ("b", "vote:20"): _frame([0, 0, 1, 1]),
+                       ("c", "vote:20"): _frame([1, 1, 1, 0])})
+    line = _inflation_line("diffpure", [step_result(store, s, rows, ["vote:20"]) for s in steps])
+    assert "step (b) gives 50.0" in line and "(b) vs (a)" in line
