@@ -129,6 +129,32 @@ def test_a_robust_only_entry_passes_through_side_by_side():
     assert table[table["published robust"] == 70.64].iloc[0]["same setup"] == "yes"
 
 
+def test_side_by_side_pairs_a_published_number_with_the_measured_row_of_its_evaluation_mode():
+    rows = [_row(evaluation=mode, robust_acc=r) for mode, r in (("vote:20", 0.4), ("expected:10", 0.35), ("worst:10", 0.1))]
+    table = side_by_side(load_published(MODES), rows)
+    by_published = {p: sorted(table[table["published robust"] == p]["measured robust"]) for p in (80.45, 70.64, 31.05, 1.0)}
+    assert by_published[80.45] == ["40.0 [-]"]  # vote:20 with vote:20 only
+    assert by_published[31.05] == ["10.0 [-]"]  # worst:10 with worst:10 only
+    assert by_published[70.64] == ["35.0 [-]"]  # a one-shot number with expected:K, its unbiased estimate
+    assert by_published[1.0] == ["40.0 [-]"]  # vote:5 with the vote of another count
+    unmatched = side_by_side(load_published(MODES), rows[1:])  # no vote measured: every mode, each labelled
+    assert sorted(unmatched[unmatched["published robust"] == 80.45]["measured robust"]) == ["10.0 [-]", "35.0 [-]"]
+    one_shot = table[table["published robust"] == 70.64].iloc[0]["same setup"]
+    assert "evaluation expected:10 (published: single)" in one_shot
+
+
+MODES = """
+- {method: diffpure, classifier: wrn-28-10-standard, threat: Linf, eps: 8/255, clean: 90, robust: 80.45,
+   attack: AutoAttack, evaluation: "vote:20", source: s, verified: true}
+- {method: diffpure, classifier: wrn-28-10-standard, threat: Linf, eps: 8/255, clean: 89.02, robust: 70.64,
+   attack: AutoAttack, evaluation: single, source: s, verified: true}
+- {method: diffpure, classifier: wrn-70-16, threat: Linf, eps: 8/255, clean: null, robust: 31.05,
+   attack: PGD-EOT, evaluation: "worst:10", source: s, verified: true}
+- {method: diffpure, classifier: wrn-70-16, threat: Linf, eps: 8/255, clean: null, robust: 1.0,
+   attack: PGD-EOT, evaluation: "vote:5", source: s, verified: true}
+"""
+
+
 def test_side_by_side_of_the_shipped_file_prints_a_dash_for_missing_clean():
     table = side_by_side(load_published(), [_row()])
     assert set(table.method) == {"hetpure", "diffpure", "gdmp"}

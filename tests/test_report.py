@@ -60,7 +60,7 @@ def test_side_by_side_puts_published_and_measured_numbers_in_their_cells():
     assert "attack PGD-EOT (published: AutoAttack)" in smoke_single["same setup"].iloc[0]
     paper = hetpure[hetpure.index.str.contains("cifar10-official")]
     assert paper["same setup"].tolist() == ["yes"] and paper["measured robust"].tolist() == ["80.0 [-]"]
-    assert hetpure[hetpure.index.str.endswith("worst:5")]["measured robust"].tolist() == ["12.5 [-]"]
+    assert not hetpure.index.str.endswith("worst:5").any()  # a one-shot number is set beside one-shot rows only
     diffpure = table[table.method == "diffpure"]
     assert sorted(diffpure["measured robust"]) == ["10.0 [-]", "30.0 [-]", "40.0 [-]"]  # each t* is its own defense setup
     assert not any("gdmp" in setup for setup in table["measured setup"])  # failed sanity: never a headline

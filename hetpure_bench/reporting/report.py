@@ -64,8 +64,9 @@ def write_report(rows: list[dict], name: str, out_dir: Path, store_label: str,
         "attacks, the JPEG copy of CIFAR-10) say nothing about the published results.\n",
         "## Published vs measured\n",
         "Published numbers (`hetpure_bench/reporting/published.yaml`, with sources) next to the strongest attack "
-        "measured here for the same method and each evaluation mode; the last column lists every way "
-        "the measured setup differs from the published one.\n",
+        "measured here for the same method in the published evaluation mode, else the same kind of mode "
+        "(for a one-shot number expected:K, its unbiased estimate), else every measured mode; the last column "
+        "lists every way the measured setup differs from the published one.\n",
         markdown_table(side_by_side(published, rows)),
         *middle,
     ]

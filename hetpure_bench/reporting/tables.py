@@ -46,14 +46,27 @@ def differences(published: PublishedResult, row: dict) -> list[str]:
     return found
 
 
+def comparable_rows(published_mode: str, rows: list[dict]) -> list[dict]:
+    """The measured rows to put next to a number published under ``published_mode``: those judged
+    the same way, else those of the same kind with another count (vote:10 beside vote:20; for a
+    one-shot number, "single", the expected:K rows, its unbiased estimate), else every row (its
+    mode is then listed as a difference)."""
+    kind = parse_evaluation_mode(published_mode)[0]
+    kind = "expected" if kind == "single" else kind
+    same = [r for r in rows if r["evaluation"] == published_mode] \
+        or [r for r in rows if parse_evaluation_mode(r["evaluation"])[0] == kind]
+    return same or rows
+
+
 def side_by_side(published: list[PublishedResult], rows: list[dict]) -> pd.DataFrame:
     """One line per published purification result and strongest measured row of that method and
-    threat model; `same setup` spells out every difference."""
+    threat model in a comparable evaluation mode (comparable_rows); `same setup` spells out every
+    difference."""
     lines = []
     strongest = strongest_rows(rows)
     for entry in (p for p in published if p.kind == "purification"):
         matches = [r for r in strongest if r["defense"] == entry.method and r["threat"] == entry.threat]
-        for row in sorted(matches, key=lambda r: (r["evaluation"], r["classifier"])) or [None]:
+        for row in sorted(comparable_rows(entry.evaluation, matches), key=lambda r: (r["evaluation"], r["classifier"])) or [None]:
             diff = differences(entry, row) if row else []
             lines.append({
                 "method": entry.method,
