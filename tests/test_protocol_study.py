@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from conftest import write_image_tar
 
 from hetpure_bench.bench.cost import PassTimes, estimate
@@ -147,6 +148,8 @@ def test_reference_report_is_regenerated_byte_for_byte(tiny_reference_store, tmp
     assert len(summary) == 5 and summary[0].startswith("1. Setup:") and "Linf eps 8/255" in summary[0]
     headline = text.split("## Headline", 1)[1].split("## Protocol", 1)[0]
     assert "| none |" in headline and "| 0 |" in headline  # the bare classifier: NFE 0
+    threads = torch.get_num_threads()  # the seconds per image are labelled with the process's threads
+    assert f"| cpu ({threads} thread{'s' if threads != 1 else ''}) |" in headline
     assert "missing: hetpure pgd-eot (surrogate:2)" in text  # pending steps are named, not dropped
 
 

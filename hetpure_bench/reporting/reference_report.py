@@ -32,7 +32,8 @@ def suite_rows(rows: list[dict]) -> dict[str, dict[str, dict]]:
 
 def headline_table(rows: list[dict]) -> pd.DataFrame:
     """Defense, clean and robust accuracy under the suite per mode (with intervals), NFE, seconds
-    per image (attack + evaluation, 2 CPU cores) and convergence, best expected:10 robust first."""
+    per image (attack + evaluation) with the device and threads they were measured on, and
+    convergence, best expected:10 robust first."""
     by_defense = suite_rows(rows)
     order = sorted(by_defense, key=lambda d: -float(by_defense[d].get("expected:10", {}).get("robust_acc", -1)))
     records = []
@@ -43,6 +44,7 @@ def headline_table(rows: list[dict]) -> pd.DataFrame:
             "defense": defense, "clean (expected:10)": accuracy_cell(first, "clean"),
             **{f"robust {m}": accuracy_cell(modes[m], "robust") if m in modes else "pending" for m in HEADLINE_MODES},
             "NFE": cell(first, "nfe"), "s / image": f"{float(first['wall_s']) / int(first['n_images']):.1f}",
+            "device": cell(first, "device"),
             "converged": cell(first, "converged"),
         })
     return pd.DataFrame(records)
@@ -105,7 +107,8 @@ def write_reference_report(rows: list[dict], out_dir: Path, store_label: str, st
         "\n".join(f"{k}. {line}" for k, line in enumerate(summary_lines(rows, studies), 1)) + "\n",
         "## Headline: every defense under the attack suite\n",
         "Robust accuracy in % [95% interval over images: Wilson for vote and worst, bootstrap for expected]; NFE: network "
-        "calls per purification; s / image: attack + evaluation seconds per image of the expected:10 row on 2 CPU cores; "
+        "calls per purification; s / image: attack + evaluation seconds per image of the expected:10 row on the device "
+        "and intra-op threads in its column (a row whose batches ran under different settings lists each); "
         "converged: every member attack's robust count moved by at most one image over its last 25% of iterations.\n",
         markdown_table(headline_table(rows)),
     ]
