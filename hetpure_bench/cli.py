@@ -324,7 +324,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def _image_grid(args: argparse.Namespace, path: Path) -> None:
     from .bench import distributed
     from .bench.spec import spec_from_preset, validate
-    from .reporting.image_grid import image_panels
+    from .reporting.image_grid import grid_caption, image_panels
     from .reporting.plots import image_grid_plot
 
     specs = [spec_from_preset(args.preset, name.strip(), data=args.data) for name in args.image_defenses.split(",")]
@@ -336,7 +336,7 @@ def _image_grid(args: argparse.Namespace, path: Path) -> None:
     # Each defense's panels attack its images first: seconds to minutes per defense.
     panels = {spec.defense: image_panels(spec, args.images, device, cache)
               for spec in tqdm(specs, desc="report: image grid", unit="defense")}
-    image_grid_plot(panels, path)
+    image_grid_plot(panels, path, caption=grid_caption(specs[0], args.images))
 
 
 def _report(row: dict, leaderboard_dir: Path, store_path: Path) -> None:

@@ -163,3 +163,11 @@ def test_summary_compares_the_authors_protocol_with_the_strongest_later_step():
                        ("c", "vote:20"): _frame([1, 1, 1, 0])})
     line = _inflation_line("diffpure", [step_result(store, s, rows, ["vote:20"]) for s in steps])
     assert "step (b) gives 50.0" in line and "(b) vs (a)" in line
+
+
+def test_report_draws_the_image_grid_of_the_preset_when_asked(tiny_reference_store, tmp_path):
+    data = write_image_tar(tmp_path / "images.tar", 128, "test")  # the preset's 128 images
+    assert main(["report", "--name", "reference", "--store", str(tiny_reference_store), "--out", str(tmp_path),
+                 "--images", "1", "--data", str(data), "--preset", "cpu-reference", "--image-defenses", "none"]) == 0
+    assert (tmp_path / "reference" / "images.png").read_bytes()[:4] == b"\x89PNG"
+    assert "](images.png)" in (tmp_path / "reference" / "report.md").read_text()

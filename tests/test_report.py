@@ -1,6 +1,7 @@
 import json
 import struct
 
+import numpy as np
 import pytest
 import torch
 from test_leaderboard import _row, store_with
@@ -86,6 +87,17 @@ def test_each_figure_is_a_png_of_the_expected_size(tmp_path):
     stage = {"image": torch.rand(8, 8, 3).numpy(), "title": "x"}
     panels = {"hetpure": [{"label": "cat", "stages": [stage] * 5}] * 2, "diffpure": [{"label": "dog", "stages": [stage] * 4}]}
     assert _png_size(image_grid_plot(panels, tmp_path / "d.png")) == (5 * 160, 3 * 175)
+
+
+def test_the_image_grid_is_captioned_with_its_setup(tmp_path):
+    import matplotlib.image
+
+    stage = {"image": np.ones((8, 8, 3)), "title": ""}  # white panels, no titles: only a caption can mark the top
+    panels = {"hetpure": [{"label": "", "stages": [stage] * 2}]}
+    top = lambda path: matplotlib.image.imread(path)[:12, :, :3]  # noqa: E731  (the caption's band)
+    plain = top(image_grid_plot(panels, tmp_path / "plain.png"))
+    captioned = top(image_grid_plot(panels, tmp_path / "captioned.png", caption="preset p: APGD-EOT, gradient full"))
+    assert plain.min() == 1.0 and captioned.min() < 0.5  # black caption text on the white band
 
 
 def test_error_bars_come_from_the_rows_intervals(tmp_path):

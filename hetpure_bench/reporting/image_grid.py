@@ -20,6 +20,14 @@ def _hwc(image01: torch.Tensor) -> np.ndarray:
     return image01.detach().cpu().permute(1, 2, 0).numpy()
 
 
+def grid_caption(spec: RunSpec, n: int) -> str:
+    """What the grid's images come from: the preset's models, images and first attack."""
+    attack = build_attacks(spec.attack, spec.threat, spec.eps, spec.seed)[0]
+    return (f"preset {spec.preset}: {spec.classifier} + {spec.diffusion_model}, the first {n} of its {spec.n_images} "
+            f"test images (seed {spec.seed});\n{attack.name}, gradient {spec.gradient}; labels from one purification "
+            "(the evaluation's first noise draw)")
+
+
 def image_panels(spec: RunSpec, n: int, device: torch.device, cache: dict) -> list[dict]:
     """Per image (the first ``n`` of the run's subset): its label and the stages to draw, under the
     spec's first attack; noise as in a benchmark run (the image's own streams), so the purified

@@ -242,9 +242,10 @@ def convergence_plot(rows: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
-def image_grid_plot(panels: dict[str, list[dict]], path: Path) -> Path:
+def image_grid_plot(panels: dict[str, list[dict]], path: Path, caption: str = "") -> Path:
     """One block of rows per defense, one row per image; columns are that defense's stages
-    (clean, adversarial, mask overlay, noised, purified), each titled with its predicted label."""
+    (clean, adversarial, mask overlay, noised, purified), each titled with its predicted label;
+    ``caption`` (the setup the images come from) above them."""
     lines = [(defense, image) for defense, images in panels.items() for image in images]
     columns = max((len(image["stages"]) for _, image in lines), default=1)
     fig, axes = plt.subplots(len(lines) or 1, columns, figsize=(1.6 * columns, 1.75 * max(1, len(lines))), squeeze=False)
@@ -259,6 +260,8 @@ def image_grid_plot(panels: dict[str, list[dict]], path: Path) -> Path:
             ax.set_title(stage["title"], fontsize=7)
         axes[r, 0].text(-0.15, 0.5, f"{defense}\ntrue: {image['label']}", transform=axes[r, 0].transAxes,
                         ha="right", va="center", fontsize=7)
+    if caption:
+        fig.suptitle(caption, fontsize=7)
     fig.tight_layout()
     return _save(fig, path)
 
