@@ -248,7 +248,9 @@ def image_grid_plot(panels: dict[str, list[dict]], path: Path, caption: str = ""
     ``caption`` (the setup the images come from) above them."""
     lines = [(defense, image) for defense, images in panels.items() for image in images]
     columns = max((len(image["stages"]) for _, image in lines), default=1)
-    fig, axes = plt.subplots(len(lines) or 1, columns, figsize=(1.6 * columns, 1.75 * max(1, len(lines))), squeeze=False)
+    caption_in = 0.15 * (caption.count("\n") + 1) + 0.1 if caption else 0.0  # a band of its own above the panels
+    height = 1.75 * max(1, len(lines)) + caption_in
+    fig, axes = plt.subplots(len(lines) or 1, columns, figsize=(1.6 * columns, height), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for r, (defense, image) in enumerate(lines):
@@ -261,8 +263,8 @@ def image_grid_plot(panels: dict[str, list[dict]], path: Path, caption: str = ""
         axes[r, 0].text(-0.15, 0.5, f"{defense}\ntrue: {image['label']}", transform=axes[r, 0].transAxes,
                         ha="right", va="center", fontsize=7)
     if caption:
-        fig.suptitle(caption, fontsize=7)
-    fig.tight_layout()
+        fig.suptitle(caption, fontsize=7, y=1 - 0.05 / height, va="top")
+    fig.tight_layout(rect=(0, 0, 1, 1 - caption_in / height))
     return _save(fig, path)
 
 
