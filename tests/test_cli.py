@@ -73,7 +73,8 @@ def test_run_command_writes_leaderboard_and_per_image_results(tmp_path, shared_j
     assert main(["run", "--defense", "none"] + common) == 0
     out, err = capsys.readouterr()
     # Every phase shows progress, and the time per phase ends each command.
-    for bar in ("hetpure: loading", "hetpure: attack + evaluate", "hetpure: sanity checks", "unbounded-undefended (1 images)"):
+    for bar in ("hetpure: loading", "hetpure: attack + evaluate", "evaluate clean + 1 attack's examples, 2 passes each",
+                "hetpure: sanity checks", "unbounded-undefended (1 images)"):
         assert bar in err, bar
     assert len(re.findall(r"time per phase: loading [0-9.]+ s, attack \+ evaluate [0-9.]+ s, sanity checks [0-9.]+ s, "
                           r"leaderboard [0-9.]+ s; total [0-9.]+ s", out)) == 2

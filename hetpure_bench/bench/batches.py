@@ -94,7 +94,7 @@ def evaluate_batch(
     else:
         blobs, histories, seconds = stored, {}, [0.0] * len(attacks)
     attack_s = time.perf_counter() - started
-    records, eval_s = judge_batch(defense, attacks, x, y, indices, blobs, seed if eval_seed is None else eval_seed, modes)
+    records, eval_s = judge_batch(defense, attacks, x, y, indices, blobs, seed if eval_seed is None else eval_seed, modes, progress)
     return records, {"attack_s": attack_s, "attack_s_by_attack": seconds, "eval_s": eval_s}, blobs, histories
 
 
@@ -123,7 +123,7 @@ def attack_batch(
 
 def judge_batch(
     defense: Defense, attacks: list[Attack], x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor,
-    blobs: list[bytes], eval_seed: int, modes: list[str],
+    blobs: list[bytes], eval_seed: int, modes: list[str], progress: bool = False,
 ) -> tuple[dict[str, list[dict]], dict[str, float]]:
     """Records per mode of the clean [0,1] images ``x`` and the stored adversarial examples
     ``blobs`` (one per attack), and each mode's seconds of purification."""
@@ -134,9 +134,12 @@ def judge_batch(
     eval_s = dict.fromkeys(modes, 0.0)
     passes = {mode: parse_evaluation_mode(mode)[1] for mode in modes}
     per_input = []
-    for inputs in [x, *examples]:
+    n_passes = max(passes.values())
+    owners = f"{len(examples)} attack's" if len(examples) == 1 else f"{len(examples)} attacks'"
+    label = f"evaluate clean + {owners} examples, {n_passes} passes each"
+    for inputs in tqdm([x, *examples], desc=label, unit="input", leave=False, disable=not progress):
         defense.reseed(evaluate_seeds)  # so pass k is the same in every mode: the modes share passes
-        predictions, seconds = purification_passes(defense, inputs, max(passes.values()))
+        predictions, seconds = purification_passes(defense, inputs, n_passes)
         per_input.append(predictions)
         for mode in modes:  # each mode is charged its own passes
             eval_s[mode] += sum(seconds[:passes[mode]])
