@@ -171,3 +171,34 @@ def test_report_draws_the_image_grid_of_the_preset_when_asked(tiny_reference_sto
                  "--images", "1", "--data", str(data), "--preset", "cpu-reference", "--image-defenses", "none"]) == 0
     assert (tmp_path / "reference" / "images.png").read_bytes()[:4] == b"\x89PNG"
     assert "](images.png)" in (tmp_path / "reference" / "report.md").read_text()
+
+
+class FakeSetupStore(FakeStore):
+    """FakeStore plus what the leaderboard's worst case reads: every row on the same images."""
+
+    def setup(self, key: str) -> dict:
+        return {"image_indices_sha256": "same images"}
+
+
+def _suite_and_pgd_rows() -> list[dict]:
+    base = {"preset": "cpu-reference", "defense": "hetpure", "defense_config": "c", "classifier": "m",
+            "diffusion_model": "d", "data_source": "cifar10-jpeg", "threat": "Linf", "eps": "0.0313725",
+            "evaluation": "expected:10", "n_images": 4, "seed": 0, "sanity": "ok", "converged": "yes", "nfe": 10,
+            "wall_s": 8.0, "device": "cpu (2 threads)", "clean_acc": 1.0, "clean_ci": [0.5, 1.0],
+            "interval_method": "bootstrap 95%"}
+    return [{**base, "attack": "suite(A + B)", "gradient_mode": "full", "setup_hash": "suite", "robust_acc": 0.75,
+             "robust_ci": [0.25, 1.0]},
+            {**base, "attack": "PGD-EOT(Linf, 10 steps, EOT 2)", "gradient_mode": "full", "setup_hash": "pgd",
+             "robust_acc": 0.75, "robust_ci": [0.25, 1.0], "converged": "no"}]
+
+
+def test_the_reference_report_also_shows_the_worst_case_over_every_attack_run():
+    from hetpure_bench.reporting.reference_report import headline_table, strongest_table
+
+    rows = _suite_and_pgd_rows()
+    store = FakeSetupStore({("suite", "expected:10"): _frame([1, 1, 0, 1]), ("pgd", "expected:10"): _frame([0, 1, 1, 1])})
+    assert headline_table(rows)["robust expected:10"].tolist() == ["75.0 [25.0, 100.0]"]  # the suite alone
+    strongest = strongest_table(rows, store).iloc[0]
+    assert strongest["defense"] == "hetpure" and strongest["robust expected:10"].startswith("50.0 [")  # images 0 and 2 fall
+    assert strongest["robust vote:20"] == "pending" and strongest["rows combined"] == 2
+    assert strongest["converged"] == "PGD-EOT(Linf, 10 steps, EOT 2) (full): no"
