@@ -30,16 +30,19 @@ def suite_rows(rows: list[dict]) -> dict[str, dict[str, dict]]:
     return found
 
 
+def _best_expected_first(by_defense: dict[str, dict[str, dict]]) -> list[tuple[str, dict[str, dict], dict]]:
+    """(defense, mode -> row, its expected:10 row or else its first) in order of expected:10 robust
+    accuracy, best first (defenses without expected:10 last)."""
+    order = sorted(by_defense, key=lambda d: -float(by_defense[d].get("expected:10", {}).get("robust_acc", -1)))
+    return [(d, by_defense[d], by_defense[d].get("expected:10") or next(iter(by_defense[d].values()))) for d in order]
+
+
 def headline_table(rows: list[dict]) -> pd.DataFrame:
     """Defense, clean and robust accuracy under the suite per mode (with intervals), NFE, seconds
     per image (attack + evaluation) with the device and threads they were measured on, and
     convergence, best expected:10 robust first."""
-    by_defense = suite_rows(rows)
-    order = sorted(by_defense, key=lambda d: -float(by_defense[d].get("expected:10", {}).get("robust_acc", -1)))
     records = []
-    for defense in order:
-        modes = by_defense[defense]
-        first = modes.get("expected:10") or next(iter(modes.values()))
+    for defense, modes, first in _best_expected_first(suite_rows(rows)):
         records.append({
             "defense": defense, "clean (expected:10)": accuracy_cell(first, "clean"),
             **{f"robust {m}": accuracy_cell(modes[m], "robust") if m in modes else "pending" for m in HEADLINE_MODES},
@@ -58,7 +61,6 @@ def strongest_table(rows: list[dict], store: ResultStore) -> pd.DataFrame:
     for data_source, threat in sorted({(r["data_source"], r["threat"]) for r in ours}):
         for record in headline(latest_rows(ours, data_source, threat), store).to_dict("records"):
             by_defense.setdefault(record["defense"], {})[record["evaluation"]] = record
-    order = sorted(by_defense, key=lambda d: -float(by_defense[d].get("expected:10", {}).get("robust_acc", -1)))
 
     def robust(record: dict | None) -> str:
         if record is None:
@@ -67,9 +69,7 @@ def strongest_table(rows: list[dict], store: ResultStore) -> pd.DataFrame:
         return Interval(record["robust_acc"], low, high, record["interval_method"]).as_percent()
 
     records = []
-    for defense in order:
-        modes = by_defense[defense]
-        first = modes.get("expected:10") or next(iter(modes.values()))
+    for defense, modes, first in _best_expected_first(by_defense):
         records.append({"defense": defense, **{f"robust {m}": robust(modes.get(m)) for m in HEADLINE_MODES},
                         "rows combined": first["n_rows"], "attacks (strongest first)": first["attacks"],
                         "converged": first["converged"]})
