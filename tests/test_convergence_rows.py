@@ -231,5 +231,6 @@ def test_the_report_draws_the_figure_and_names_the_rows_not_converged(tmp_path):
     path = write_report(_convergence_rows(), "r", tmp_path, "store.sqlite", [])
     text = path.read_text()
     assert (path.parent / "convergence.png").is_file() and "(convergence.png)" in text
-    assert "2 row(s) not converged (more iterations may lower their robust accuracy): hetpure (suite(...), single); " \
-           "hetpure (suite(...), worst:5) 1 row(s) recorded no history" in text
+    # One entry per setup (its modes together), with the gradient mode that tells setups apart.
+    assert "1 setup not converged (more iterations may lower its robust accuracy): hetpure (suite(...), gradient full: " \
+           "single, worst:5). 1 row recorded no history" in text

@@ -149,7 +149,10 @@ def test_reference_report_is_regenerated_byte_for_byte(tiny_reference_store, tmp
     headline = text.split("## Headline", 1)[1].split("## Protocol", 1)[0]
     assert "| none |" in headline and "| 0 |" in headline  # the bare classifier: NFE 0
     threads = torch.get_num_threads()  # the seconds per image are labelled with the process's threads
-    assert f"| cpu ({threads} thread{'s' if threads != 1 else ''}) |" in headline
+    device = f"cpu ({threads} thread{'s' if threads != 1 else ''})"
+    assert f"| {device} |" in headline and f"measured on {device};" in summary[0]  # not an assumed machine
+    cost = text.split("## Cost per setup\n", 1)[1].split("## ", 1)[0]
+    assert "| none | suite(" in cost and "Total over 1 setup: " in cost  # the spent hours, per setup and in all
     assert "missing: hetpure pgd-eot (surrogate:2)" in text  # pending steps are named, not dropped
 
 

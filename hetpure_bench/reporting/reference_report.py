@@ -103,7 +103,8 @@ def summary_lines(rows: list[dict], studies: dict[str, list[StepResult]], strong
     ours = sorted((r for r in rows if r["preset"] == PRESET), key=lambda r: r["diffusion_model"] == "-")
     first = ours[0] if ours else None
     setup = (f"Setup: {first['data_source']}, {first['n_images']} test images (seed {first['seed']}), {first['classifier']} + "
-             f"{first['diffusion_model']}, {first['threat']} eps {round(float(first['eps']) * 255)}/255, 2 CPU cores; numbers are "
+             f"{first['diffusion_model']}, {first['threat']} eps {round(float(first['eps']) * 255)}/255, measured on "
+             f"{', '.join(sorted({d for r in ours for d in r['device'].split(' + ')}))}; numbers are "
              "not comparable with the published ones (other data, models and attack budgets; section Published vs measured)."
              if first else "Setup: no row of the cpu-reference preset in the store yet.")
     if table.empty:

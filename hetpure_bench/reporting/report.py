@@ -11,6 +11,7 @@ from ..atomic import write_text_atomic
 from ..bench.store import ResultStore
 from .accuracy_cells import accuracy_cell
 from .comparison import report_section
+from .cost_table import cost_table
 from .leaderboard import cell, latest_rows, markdown_table
 from .plots import convergence_plot, cost_plot, scatter_plot, strength_plot
 from .published import PublishedResult, load_published
@@ -30,15 +31,23 @@ def _summary(rows: list[dict]) -> pd.DataFrame:
     ], columns=SUMMARY_COLUMNS)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' if n != 1 else ''}"
+
+
 def convergence_summary(rows: list[dict]) -> str:
-    """Which rows' attacks had not converged, and how many rows recorded no history."""
-    late = [r for r in rows if cell(r, "converged") == "no"]
+    """Which setups' attacks had not converged (each once, with the modes of its rows), and how
+    many rows recorded no history."""
+    late: dict[tuple[str, str, str], list[str]] = {}
+    for r in rows:
+        if cell(r, "converged") == "no":
+            late.setdefault((r["defense"], r["attack"], r["gradient_mode"]), []).append(r["evaluation"])
     without = sum(cell(r, "converged") == "n/a" for r in rows)
-    verdict = (f"{len(late)} row(s) not converged (more iterations may lower their robust accuracy): "
-               + "; ".join(f"{r['defense']} ({r['attack']}, {r['evaluation']})" for r in late)) if late else (
-        "Every row with an attack history converged (its robust count moved by at most one image over "
-        "the last 25% of iterations).")
-    return f"{verdict} {without} row(s) recorded no history (attacks without one, or rows stored before).\n"
+    verdict = (f"{_count(len(late), 'setup')} not converged (more iterations may lower {'its' if len(late) == 1 else 'their'} "
+               "robust accuracy): " + "; ".join(f"{d} ({a}, gradient {g}: {', '.join(modes)})" for (d, a, g), modes in late.items())
+               if late else "Every row with an attack history converged (its robust count moved by at most one image over "
+               "the last 25% of iterations)")
+    return f"{verdict}. {_count(without, 'row')} recorded no history (attacks without one, or rows stored before).\n"
 
 
 def write_report(rows: list[dict], name: str, out_dir: Path, store_label: str,
@@ -87,6 +96,16 @@ def write_report(rows: list[dict], name: str, out_dir: Path, store_label: str,
             ]
     parts.append(report_section(rows, store) if store is not None else
                  "## Paired comparisons\n\n(not made: they need the result store's per-image results)\n")
+    if store is not None:
+        table, total = cost_table(rows, store, tuple(dict.fromkeys(r["evaluation"] for r in rows)))
+        parts += [
+            "## Cost per setup\n",
+            "What each finished setup (attack, gradient mode and its evaluation modes together) spent, from the store's "
+            "per-batch costs: attack, evaluation (the modes share one draw of passes) and sanity-check hours; wall h, "
+            "their sum; core-h, seconds times the intra-op threads each batch ran at (CPU only); an attack judged from "
+            "another setup's stored examples counts where it ran.\n",
+            markdown_table(table), total + "\n",
+        ]
     failed = [r for r in rows if r["sanity"] not in ("ok", "not run")]
     parts += [
         "## Sanity checks\n",
