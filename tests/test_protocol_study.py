@@ -205,3 +205,16 @@ def test_the_reference_report_also_shows_the_worst_case_over_every_attack_run():
     assert strongest["defense"] == "hetpure" and strongest["robust expected:10"].startswith("50.0 [")  # images 0 and 2 fall
     assert strongest["robust vote:20"] == "pending" and strongest["rows combined"] == 2
     assert strongest["converged"] == "PGD-EOT(Linf, 10 steps, EOT 2) (full): no"
+
+
+def test_the_summary_does_not_rank_worst_cases_over_different_numbers_of_attacks():
+    from hetpure_bench.reporting.reference_report import ranking_line
+
+    suite = [{"defense": "a", "robust expected:10": "30.0 [25.0, 35.0]"}, {"defense": "b", "robust expected:10": "29.0 [24.0, 34.0]"}]
+    worst = [{"defense": "b", "robust expected:10": "29.0 [24.0, 34.0]", "rows combined": 1},
+             {"defense": "a", "robust expected:10": "26.0 [21.0, 31.0]", "rows combined": 6}]
+    line = ranking_line(suite, worst)
+    assert "a 30.0 [25.0, 35.0]; b 29.0" in line and "b 29.0 [24.0, 34.0] (1 row); a 26.0 [21.0, 31.0] (6 rows)" in line
+    assert "not a ranking" in line
+    assert "not a ranking" not in ranking_line(suite, [{**r, "rows combined": 1} for r in worst])
+    assert ranking_line([], worst) == "No defense has finished its suite row yet."

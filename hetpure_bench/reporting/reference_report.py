@@ -94,6 +94,22 @@ def _inflation_line(defense: str, results: list[StepResult]) -> str:
             + diff.sentence(f"({last.step.key})", "(a)") + ".")
 
 
+def ranking_line(suite: list[dict], strongest: list[dict]) -> str:
+    """The defenses under the suite (headline_table records) and at their worst case over every
+    attack run (strongest_table records); worst cases over different numbers of rows are bounds
+    of different strength, and the line says so rather than invite a ranking."""
+    if not suite:
+        return "No defense has finished its suite row yet."
+    names = {r["defense"] for r in suite}
+    worst = [r for r in strongest if r["defense"] in names]
+    unequal = len({r["rows combined"] for r in worst}) > 1
+    return ("Under the attack suite (expected:10, robust % [95%]): " + "; ".join(
+        f"{r['defense']} {r['robust expected:10']}" for r in suite) + "; at the per-image worst case over every attack "
+        "run on the same images: " + "; ".join(
+        f"{r['defense']} {r['robust expected:10']} ({r['rows combined']} row{'s' if r['rows combined'] != 1 else ''})" for r in worst)
+        + (" (worst cases over different numbers of attacks: upper bounds of unequal strength, not a ranking)" if unequal else "") + ".")
+
+
 def summary_lines(rows: list[dict], studies: dict[str, list[StepResult]], strongest: pd.DataFrame) -> list[str]:
     """Five lines: the setup, the defenses under the suite and at their worst case over every
     attack run (``strongest``: strongest_table), the two inflation findings, and what is missing
@@ -107,14 +123,7 @@ def summary_lines(rows: list[dict], studies: dict[str, list[StepResult]], strong
              f"{', '.join(sorted({d for r in ours for d in r['device'].split(' + ')}))}; numbers are "
              "not comparable with the published ones (other data, models and attack budgets; section Published vs measured)."
              if first else "Setup: no row of the cpu-reference preset in the store yet.")
-    if table.empty:
-        ranking = "No defense has finished its suite row yet."
-    else:
-        ranking = ("Under the attack suite (expected:10, robust % [95%]): " + "; ".join(
-            f"{r['defense']} {r['robust expected:10']}" for r in records) + "; at the per-image worst case over every "
-            "attack run on the same images: " + "; ".join(
-            f"{r['defense']} {r['robust expected:10']} ({r['rows combined']} row{'s' if r['rows combined'] != 1 else ''})" for r in strongest.to_dict("records")
-            if r["defense"] in {h["defense"] for h in records}) + ".")
+    ranking = ranking_line(records, strongest.to_dict("records"))
     pending = [d for d in ("none", "diffpure", "hetpure", "hetpure-v1", "gdmp", "repaint") if d not in {r["defense"] for r in records}]
     late = [r["defense"] for r in records if r["converged"] == "no"]
     status = ("Pending rows (not yet run to the end): " + (", ".join(pending) or "none") + "; the ablations are listed below when done. "
