@@ -146,6 +146,7 @@ def test_reference_report_is_regenerated_byte_for_byte(tiny_reference_store, tmp
     text = first["report.md"].decode()
     summary = text.split("## Summary\n\n", 1)[1].split("\n\n", 1)[0].splitlines()
     assert len(summary) == 5 and summary[0].startswith("1. Setup:") and "Linf eps 8/255" in summary[0]
+    assert "(not yet run to the end): diffpure, hetpure, " in summary[4] and ", hetpure-randmask. " in summary[4]  # the preset's rows
     headline = text.split("## Headline", 1)[1].split("## Protocol", 1)[0]
     assert "| none |" in headline and "| 0 |" in headline  # the bare classifier: NFE 0
     threads = torch.get_num_threads()  # the seconds per image are labelled with the process's threads

@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..bench.protocol_study import StepResult, step_result, study_modes, study_steps, transitions
+from ..bench.spec import load_preset
 from ..bench.statistics import Interval, paired_difference
 from ..bench.store import ResultStore
 from .accuracy_cells import accuracy_cell
@@ -124,9 +125,9 @@ def summary_lines(rows: list[dict], studies: dict[str, list[StepResult]], strong
              "not comparable with the published ones (other data, models and attack budgets; section Published vs measured)."
              if first else "Setup: no row of the cpu-reference preset in the store yet.")
     ranking = ranking_line(records, strongest.to_dict("records"))
-    pending = [d for d in ("none", "diffpure", "hetpure", "hetpure-v1", "gdmp", "repaint") if d not in {r["defense"] for r in records}]
+    pending = [d for d in load_preset(PRESET)["defenses"] if d not in {r["defense"] for r in records}]
     late = [r["defense"] for r in records if r["converged"] == "no"]
-    status = ("Pending rows (not yet run to the end): " + (", ".join(pending) or "none") + "; the ablations are listed below when done. "
+    status = ("Pending suite rows of the preset's defenses (not yet run to the end): " + (", ".join(pending) or "none") + ". "
               + ("No suite row has finished yet." if not records else "Not converged (upper bounds): " + ", ".join(late) + "."
                  if late else "Every finished suite row converged."))
     return [setup, ranking, *(_inflation_line(d, studies[d]) for d in STUDY_DEFENSES), status]
