@@ -142,3 +142,20 @@ def test_stages_start_with_the_purification_the_evaluation_sees(name, expected):
     for stage_name, image in stages:
         assert image.shape == ((2, 1, 8, 8) if stage_name == "mask" else x.shape)
         assert image.min() >= 0 and image.max() <= 1
+
+
+def test_figures_of_a_store_without_single_rows_draw_its_expected_rows():
+    # The reference preset judges expected:10, worst:10 and vote:20 only: its figures must not be empty.
+    from hetpure_bench.reporting.plots import cost_rows, headline_rows, plotted_mode
+
+    rows = [_row(attack="suite(A + B)", evaluation="expected:10", robust_acc=0.3),
+            _row(attack="suite(A + B)", evaluation="vote:20", robust_acc=0.1),
+            _row(defense="diffpure", attack="suite(A + B)", evaluation="expected:10", robust_acc=0.2),
+            _row(attack="PGD-EOT", evaluation="expected:10", robust_acc=0.25),
+            _row(defense="none", attack="suite(A; skipped, not applicable: B)", evaluation="expected:10", robust_acc=0.0)]
+    assert plotted_mode(rows) == "expected:10" and plotted_mode(_rows()) == "single" and plotted_mode([]) is None
+    assert [(r["defense"], r["robust_acc"]) for r in headline_rows(rows)] == [("diffpure", 0.2), ("hetpure", 0.25), ("none", 0.0)]
+    # cost: the attack every defense ran (not PGD-EOT, which only hetpure has), in the plotted mode
+    assert {(r["defense"], r["attack"], r["evaluation"]) for r in cost_rows(rows)} == {
+        ("hetpure", "suite(A + B)", "expected:10"), ("diffpure", "suite(A + B)", "expected:10"),
+        ("none", "suite(A; skipped, not applicable: B)", "expected:10")}  # the same suite, a member skipped

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -61,23 +63,35 @@ def error_lengths(rows: list[dict], name: str) -> np.ndarray:
     return 100 * np.array(lengths, dtype=float).reshape(-1, 2).T
 
 
+def plotted_mode(rows: list[dict]) -> str | None:
+    """The evaluation mode the figures draw one point per defense in: single where rows have it,
+    else the expected:K most rows have (a one-shot number's unbiased estimate), else the most
+    common mode (ties: the first in sorted order, so a figure does not depend on hashing)."""
+    modes = [r["evaluation"] for r in rows]
+    if "single" in modes:
+        return "single"
+    pool = [m for m in modes if m.startswith("expected:")] or modes
+    return max(sorted(set(pool)), key=pool.count) if pool else None
+
+
 def headline_rows(rows: list[dict]) -> list[dict]:
-    """One row per defense: among its single-evaluation rows on the most images (sweeps use
+    """One row per defense: among its rows in the plotted mode on the most images (sweeps use
     fewer), the strongest attack's."""
-    single = [r for r in strongest_rows(rows) if r["evaluation"] == "single"]
+    mode = plotted_mode(rows)
+    chosen = [r for r in strongest_rows(rows) if r["evaluation"] == mode]
     most = {}
-    for row in single:
+    for row in chosen:
         most[row["defense"]] = max(most.get(row["defense"], 0), row["n_images"])
     best: dict[str, dict] = {}
-    for row in (r for r in single if r["n_images"] == most[r["defense"]]):
+    for row in (r for r in chosen if r["n_images"] == most[r["defense"]]):
         if row["defense"] not in best or row["robust_acc"] < best[row["defense"]]["robust_acc"]:
             best[row["defense"]] = row
     return [best[d] for d in sorted(best)]
 
 
 def scatter_plot(rows: list[dict], published: list[PublishedResult], path: Path) -> Path:
-    """Robust vs clean accuracy: measured defenses (strongest attack run, single evaluation) next
-    to published purification results and adversarial-training references."""
+    """Robust vs clean accuracy: measured defenses (strongest attack run, in the plotted mode)
+    next to published purification results and adversarial-training references."""
     fig, ax = plt.subplots(figsize=SIZE_IN)
     measured = sorted(headline_rows(rows), key=lambda r: (r["robust_acc"], r["clean_acc"]))
     ordered = [(100 * r["clean_acc"], 100 * r["robust_acc"], r["defense"]) for r in measured]
@@ -89,8 +103,8 @@ def scatter_plot(rows: list[dict], published: list[PublishedResult], path: Path)
         ax.annotate(text, (x, y), xytext=(lx, ly), fontsize=8, va="bottom",
                     arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.5})
     handles = [plt.Line2D([], [], marker="o", color="tab:blue", linestyle="",
-                          label="measured here: one per defense, strongest attack run, single evaluation; "
-                                "bars: 95% intervals over images")]
+                          label=f"measured here: one per defense, strongest attack run, {plotted_mode(rows) or 'no'} "
+                                "evaluation; bars: 95% intervals over images")]
     # Published points are told apart in the legend, not by labels (they cluster).
     # Entries without a clean accuracy (robust-only re-evaluations) have no point here.
     colors = {"purification": plt.cm.Reds(np.linspace(0.45, 0.95, 4)),
@@ -171,18 +185,35 @@ def strength_plot(rows: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
-def cost_plot(rows: list[dict], path: Path) -> Path:
-    """NFE, seconds per image and peak memory per defense, from each defense's single-evaluation
-    full-gradient PGD-EOT row on the most images (the same attack for every defense)."""
+def configured_attack(label: str) -> str:
+    """An attack label with the suite members a defense skipped (attacks.row_attack_label's
+    "; skipped, not applicable: ...") put back after the ones it ran: the attack the preset
+    configured for every defense (exact when the skipped members come last, as DiffAttack does)."""
+    return re.sub(r"; skipped, not applicable: (.*)\)$", r" + \1)", label)
+
+
+def cost_rows(rows: list[dict]) -> list[dict]:
+    """Per defense one full-gradient row in the plotted mode under the attack the most defenses
+    ran (the same attack for every defense drawn; ties: the first name in sorted order), on
+    the most images (not a sweep's), then the fastest."""
+    mode = plotted_mode(rows)
+    candidates = [r for r in rows if r["evaluation"] == mode and r["gradient_mode"] == "full" and "mask-aware" not in r["attack"]]
+    attacks = sorted({configured_attack(r["attack"]) for r in candidates})
+    attack = max(attacks, key=lambda a: len({r["defense"] for r in candidates if configured_attack(r["attack"]) == a}), default=None)
+    rank = lambda r: (-r["n_images"], r["wall_s"] / r["n_images"])  # noqa: E731
     chosen: dict[str, dict] = {}
-    candidates = [r for r in rows if r["evaluation"] == "single" and r["gradient_mode"] == "full"
-                  and r["attack"].startswith("PGD-EOT") and "mask-aware" not in r["attack"]]
-    attack = max({r["attack"] for r in candidates}, key=lambda a: sum(r["attack"] == a for r in candidates), default=None)
-    rank = lambda r: (-r["n_images"], r["wall_s"] / r["n_images"])  # noqa: E731 - most images (not a sweep's), then fastest
-    for row in (r for r in candidates if r["attack"] == attack):
+    for row in (r for r in candidates if configured_attack(r["attack"]) == attack):
         if row["defense"] not in chosen or rank(row) < rank(chosen[row["defense"]]):
             chosen[row["defense"]] = row
+    return list(chosen.values())
+
+
+def cost_plot(rows: list[dict], path: Path) -> Path:
+    """NFE, seconds per image and peak memory per defense, from cost_rows (one attack for all)."""
+    chosen = {r["defense"]: r for r in cost_rows(rows)}
+    attack = configured_attack(next(iter(chosen.values()))["attack"]) if chosen else None
     names = sorted(chosen, key=lambda d: chosen[d]["wall_s"] / chosen[d]["n_images"])
+    skipped = " (members not applicable to a defense skipped)" if any(r["attack"] != attack for r in chosen.values()) else ""
     fig, axes = plt.subplots(1, 3, figsize=SIZE_IN, sharey=True)
     metrics = [
         ("nfe", "network calls\nper purification (NFE)", lambda r: r["nfe"]),
@@ -197,7 +228,8 @@ def cost_plot(rows: list[dict], path: Path) -> Path:
         ax.set(xlabel=label)
         ax.grid(axis="x", alpha=0.3)
     devices = sorted({chosen[d]["device"] for d in names})
-    fig.suptitle(f"Cost per defense under {attack or 'no attack'}, full gradients, on {', '.join(devices) or 'no device'}", fontsize=10)
+    fig.suptitle(textwrap.fill(f"Cost per defense under {attack or 'no attack'}{skipped}, full gradients, on {', '.join(devices) or 'no device'}",
+                               150), fontsize=9)  # a suite's name is long
     fig.text(0.01, 0.01, setup_caption(list(chosen.values())) if chosen else "no rows", fontsize=7)
     fig.tight_layout(rect=(0, 0.04, 1, 0.95))
     return _save(fig, path)
