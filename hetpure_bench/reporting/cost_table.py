@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from ..bench.store import ResultStore
-from .leaderboard import cell
+from .leaderboard import cell, counted
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def cost_table(rows: list[dict], store: ResultStore, modes: tuple[str, ...]) -> 
             f"converged ({' / '.join(modes)})": " / ".join(cell(by_mode[m], "converged") if m in by_mode else "-" for m in modes),
         })
     core = [c.core_s for c in spent if c.core_s is not None]
-    total = (f"Total over {len(spent)} setup{'s' if len(spent) != 1 else ''}: {sum(c.wall_s for c in spent) / 3600:.2f} wall hours, "
+    total = (f"Total over {counted(len(spent), 'setup')}: {sum(c.wall_s for c in spent) / 3600:.2f} wall hours, "
              f"{sum(core) / 3600:.2f} CPU core-hours"
              + (f" ({len(spent) - len(core)} of them on a GPU, not in the core-hours)" if len(core) < len(spent) else "") + ".")
     return pd.DataFrame(records), total

@@ -53,6 +53,11 @@ def cell(row: dict, column: str):
     return row.get(column, LATER_COLUMNS[column]) if column in LATER_COLUMNS else row[column]
 
 
+def counted(n: int, noun: str) -> str:
+    """``n`` with its noun in the right number ("1 row", "2 rows")."""
+    return f"{n} {noun}{'s' if n != 1 else ''}"
+
+
 def leaderboard_stem(data_source: str, threat: str) -> str:
     return f"{data_source}-{threat}"
 

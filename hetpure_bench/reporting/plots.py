@@ -186,7 +186,7 @@ def strength_plot(rows: list[dict], path: Path) -> Path:
 
 
 def configured_attack(label: str) -> str:
-    """An attack label with the suite members a defense skipped (attacks.row_attack_label's
+    """An attack label with the suite members a defense skipped (attacks.attack_label's
     "; skipped, not applicable: ...") put back after the ones it ran: the attack the preset
     configured for every defense (exact when the skipped members come last, as DiffAttack does)."""
     return re.sub(r"; skipped, not applicable: (.*)\)$", r" + \1)", label)
@@ -197,12 +197,14 @@ def cost_rows(rows: list[dict]) -> list[dict]:
     ran (the same attack for every defense drawn; ties: the first name in sorted order), on
     the most images (not a sweep's), then the fastest."""
     mode = plotted_mode(rows)
-    candidates = [r for r in rows if r["evaluation"] == mode and r["gradient_mode"] == "full" and "mask-aware" not in r["attack"]]
-    attacks = sorted({configured_attack(r["attack"]) for r in candidates})
-    attack = max(attacks, key=lambda a: len({r["defense"] for r in candidates if configured_attack(r["attack"]) == a}), default=None)
-    rank = lambda r: (-r["n_images"], r["wall_s"] / r["n_images"])  # noqa: E731
+    by_attack: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["evaluation"] == mode and r["gradient_mode"] == "full" and "mask-aware" not in r["attack"]:
+            by_attack.setdefault(configured_attack(r["attack"]), []).append(r)
+    attack = max(sorted(by_attack), key=lambda a: len({r["defense"] for r in by_attack[a]}), default=None)
+    rank = lambda r: (-r["n_images"], r["wall_s"] / r["n_images"])  # noqa: E731 - most images (not a sweep's), then fastest
     chosen: dict[str, dict] = {}
-    for row in (r for r in candidates if configured_attack(r["attack"]) == attack):
+    for row in by_attack.get(attack, []):
         if row["defense"] not in chosen or rank(row) < rank(chosen[row["defense"]]):
             chosen[row["defense"]] = row
     return list(chosen.values())

@@ -13,7 +13,7 @@ from ..bench.spec import load_preset
 from ..bench.statistics import Interval, paired_difference
 from ..bench.store import ResultStore
 from .accuracy_cells import accuracy_cell
-from .leaderboard import cell, headline, latest_rows, markdown_table
+from .leaderboard import cell, counted, headline, latest_rows, markdown_table
 from .protocol_study import study_section, write_staircase
 from .report import write_report
 
@@ -107,7 +107,7 @@ def ranking_line(suite: list[dict], strongest: list[dict]) -> str:
     return ("Under the attack suite (expected:10, robust % [95%]): " + "; ".join(
         f"{r['defense']} {r['robust expected:10']}" for r in suite) + "; at the per-image worst case over every attack "
         "run on the same images: " + "; ".join(
-        f"{r['defense']} {r['robust expected:10']} ({r['rows combined']} row{'s' if r['rows combined'] != 1 else ''})" for r in worst)
+        f"{r['defense']} {r['robust expected:10']} ({counted(r['rows combined'], 'row')})" for r in worst)
         + (" (worst cases over different numbers of attacks: upper bounds of unequal strength, not a ranking)" if unequal else "") + ".")
 
 

@@ -12,7 +12,7 @@ from ..bench.store import ResultStore
 from .accuracy_cells import accuracy_cell
 from .comparison import report_section
 from .cost_table import cost_table
-from .leaderboard import cell, latest_rows, markdown_table
+from .leaderboard import cell, counted, latest_rows, markdown_table
 from .plots import convergence_plot, cost_plot, scatter_plot, strength_plot
 from .published import PublishedResult, load_published
 from .tables import side_by_side
@@ -31,10 +31,6 @@ def _summary(rows: list[dict]) -> pd.DataFrame:
     ], columns=SUMMARY_COLUMNS)
 
 
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'s' if n != 1 else ''}"
-
-
 def convergence_summary(rows: list[dict]) -> str:
     """Which setups' attacks had not converged (each once, with the modes of its rows), and how
     many rows recorded no history."""
@@ -43,11 +39,11 @@ def convergence_summary(rows: list[dict]) -> str:
         if cell(r, "converged") == "no":
             late.setdefault((r["defense"], r["attack"], r["gradient_mode"]), []).append(r["evaluation"])
     without = sum(cell(r, "converged") == "n/a" for r in rows)
-    verdict = (f"{_count(len(late), 'setup')} not converged (more iterations may lower {'its' if len(late) == 1 else 'their'} "
+    verdict = (f"{counted(len(late), 'setup')} not converged (more iterations may lower {'its' if len(late) == 1 else 'their'} "
                "robust accuracy): " + "; ".join(f"{d} ({a}, gradient {g}: {', '.join(modes)})" for (d, a, g), modes in late.items())
                if late else "Every row with an attack history converged (its robust count moved by at most one image over "
                "the last 25% of iterations)")
-    return f"{verdict}. {_count(without, 'row')} recorded no history (attacks without one, or rows stored before).\n"
+    return f"{verdict}. {counted(without, 'row')} recorded no history (attacks without one, or rows stored before).\n"
 
 
 def write_report(rows: list[dict], name: str, out_dir: Path, store_label: str,
